@@ -1,0 +1,52 @@
+"""The typer app shared by the command modules, and the error → exit-code bridge."""
+
+from __future__ import annotations
+
+import functools
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from .. import __version__
+from ..errors import RmeetoError
+
+app = typer.Typer(
+    name="rmeeto",
+    help="R-MeeTo for Vision Mamba: merge tokens, re-train in minutes, export to ONNX, profile.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+console_err = Console(stderr=True)
+
+
+def _version(value: bool):
+    if value:
+        console.print(f"rmeeto {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
+):
+    """R-MeeTo for Vision Mamba."""
+
+
+def command(*args, **kwargs):
+    """``@command()``: register a typer command whose RmeetoError becomes one red line + exit 1."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*a, **kw):
+            try:
+                return fn(*a, **kw)
+            except RmeetoError as e:
+                console_err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+                raise typer.Exit(1) from None
+
+        return app.command(*args, **kwargs)(run)
+
+    return wrap

@@ -1,0 +1,1 @@
+"""placeholder: replaced by the info command module"""

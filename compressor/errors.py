@@ -1,0 +1,25 @@
+"""Domain errors. The library raises these; only the CLI turns them into a red line and exit 1."""
+
+from __future__ import annotations
+
+__all__ = ["RmeetoError", "CheckpointError", "RecipeError", "BackendUnavailable", "ShapeError"]
+
+
+class RmeetoError(Exception):
+    """A user-facing error whose message names the problem and the next step."""
+
+
+class CheckpointError(RmeetoError):
+    """A checkpoint could not be read, is unsafe, or is not a supported Vision Mamba."""
+
+
+class RecipeError(RmeetoError):
+    """A recipe file or value is invalid (the message names the key and the file)."""
+
+
+class BackendUnavailable(RmeetoError):
+    """An explicitly requested kernel backend is not installed or cannot run here."""
+
+
+class ShapeError(RmeetoError):
+    """An input does not have the shape a (static-shape) compressed model was built for."""

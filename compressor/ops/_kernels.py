@@ -1,0 +1,36 @@
+"""The only place that imports the optional CUDA kernel packages (mamba-ssm, causal-conv1d)."""
+
+from __future__ import annotations
+
+import functools
+
+INSTALL_HINT = (
+    "install the CUDA kernels with `pip install 'rmeeto[cuda]'` (mamba-ssm and causal-conv1d, "
+    "built for your torch and GPU) or choose backend 'chunked' or 'ref'"
+)
+
+
+@functools.lru_cache(maxsize=None)
+def load(name: str):
+    """Import one kernel entry point; ``None`` when its package is missing or broken."""
+    try:
+        if name == "selective_scan_fn":
+            from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+            return selective_scan_fn
+        if name == "causal_conv1d_fn":
+            from causal_conv1d import causal_conv1d_fn
+
+            return causal_conv1d_fn
+        if name == "rms_norm_fn":
+            from mamba_ssm.ops.triton.layer_norm import rms_norm_fn
+
+            return rms_norm_fn
+    except Exception:  # a half-installed kernel package raises all sorts; treat as absent
+        return None
+    raise KeyError(name)
+
+
+def available() -> dict[str, bool]:
+    """Which kernel entry points import on this machine."""
+    return {n: load(n) is not None for n in ("selective_scan_fn", "causal_conv1d_fn", "rms_norm_fn")}

@@ -1,0 +1,51 @@
+"""Sequential selective scan in pure PyTorch: the reference every other backend is tested against."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def prepare_scan_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    """Shared preamble of every pure-PyTorch scan: fp32 upcast, bias + softplus on delta.
+
+    Returns ``(u, delta, A, B, C)`` in fp32 with ``delta`` already biased and softplus-ed.
+    """
+    u = u.float()
+    delta = delta.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias.float()[None, :, None]
+    if delta_softplus:
+        delta = F.softplus(delta)  # threshold 20, as the kernels
+    return u, delta, A.float(), B.float(), C.float()
+
+
+def finish_scan_output(y, u, D, z, dtype):
+    """Shared epilogue: ``y + D*u``, gate with ``silu(z)``, cast back to the input dtype."""
+    if D is not None:
+        y = y + u * D.float()[None, :, None]
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(dtype)
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """Selective scan, one token at a time, accumulating in fp32.
+
+    Shapes: ``u, delta, z: (b, d, l)``, ``A: (d, n)``, ``B, C: (b, n, l)``, ``D, delta_bias: (d,)``.
+    Returns ``y: (b, d, l)`` in ``u``'s dtype, where from ``h_0 = 0``
+    ``h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t`` and ``y_t = C_t . h_t + D u_t``,
+    then ``y_t *= silu(z_t)``.
+    """
+    dtype = u.dtype
+    u, delta, A, B, C = prepare_scan_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    b, d, l = u.shape
+    dA = torch.exp(delta.unsqueeze(-1) * A.unsqueeze(1))  # (b, d, l, n)
+    dBu = (delta * u).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)  # (b, d, l, n)
+    h = u.new_zeros(b, d, A.shape[1])
+    ys = []
+    for t in range(l):
+        h = dA[:, :, t] * h + dBu[:, :, t]
+        ys.append(torch.einsum("bdn,bn->bd", h, C[:, :, t]))
+    y = torch.stack(ys, dim=-1)
+    return finish_scan_output(y, u, D, z, dtype)
