@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 from .errors import RmeetoError  # noqa: E402
-from .models import VimConfig, VisionMamba, create_model, list_models, set_backend  # noqa: E402
+from .models import VimConfig, VisionMamba, create_model, list_models, load_model, set_backend  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -12,5 +12,6 @@ __all__ = [
     "VisionMamba",
     "create_model",
     "list_models",
+    "load_model",
     "set_backend",
 ]

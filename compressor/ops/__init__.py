@@ -90,17 +90,16 @@ def causal_conv1d(x, weight, bias=None, activation=None, backend="auto"):
 
 
 def add_rms_norm(x, residual, weight, eps, backend="auto"):
-    """``residual' = residual + x`` (fp32; ``x`` alone when ``residual`` is None) and
-    ``RMSNorm(residual') * weight`` in ``weight``'s dtype. Returns ``(normed, residual')``.
+    """``residual' = residual + x`` (fp32, fp64 for fp64 inputs; ``x`` alone when ``residual``
+    is None) and ``RMSNorm(residual') * weight`` in ``weight``'s dtype (the ``cuda`` kernel
+    returns ``x``'s dtype). Dispatched like :func:`selective_scan`. Returns ``(normed, residual')``.
 
     ``x, residual: (b, l, d)``, ``weight: (d,)``.
     """
-    if backend in ("auto", "cuda") and x.is_cuda and not _exporting():
+    if resolve_backend(backend, x, "rms_norm_fn") == "cuda":
         fn = _kernels.load("rms_norm_fn")
-        if fn is not None:
-            return fn(x, weight, None, residual=residual, eps=eps, prenorm=True, residual_in_fp32=True)
-        if backend == "cuda":
-            raise BackendUnavailable(f"backend 'cuda' needs mamba-ssm's rms_norm_fn: {_kernels.INSTALL_HINT}")
-    residual = x.float() if residual is None else residual.float() + x.float()
+        return fn(x, weight, None, residual=residual, eps=eps, prenorm=True, residual_in_fp32=True)
+    acc = torch.promote_types(x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype), torch.float32)
+    residual = x.to(acc) if residual is None else residual.to(acc) + x.to(acc)
     normed = residual * torch.rsqrt(residual.pow(2).mean(-1, keepdim=True) + eps)
-    return (normed * weight.float()).to(weight.dtype), residual
+    return (normed * weight.to(acc)).to(weight.dtype), residual

@@ -7,30 +7,37 @@ import torch.nn.functional as F
 
 
 def prepare_scan_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    """Shared preamble of every pure-PyTorch scan: fp32 upcast, bias + softplus on delta.
+    """Shared preamble of every pure-PyTorch scan: upcast, bias + softplus on delta.
 
-    Returns ``(u, delta, A, B, C)`` in fp32 with ``delta`` already biased and softplus-ed.
+    Returns ``(u, delta, A, B, C)`` in the accumulation dtype (fp32, or fp64 for fp64 inputs)
+    with ``delta`` already biased and softplus-ed.
     """
-    u = u.float()
-    delta = delta.float()
+    acc = accumulation_dtype(u.dtype)
+    u = u.to(acc)
+    delta = delta.to(acc)
     if delta_bias is not None:
-        delta = delta + delta_bias.float()[None, :, None]
+        delta = delta + delta_bias.to(acc)[None, :, None]
     if delta_softplus:
         delta = F.softplus(delta)  # threshold 20, as the kernels
-    return u, delta, A.float(), B.float(), C.float()
+    return u, delta, A.to(acc), B.to(acc), C.to(acc)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp16/bf16/fp32 inputs; fp64 inputs stay fp64 (never downcast)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def finish_scan_output(y, u, D, z, dtype):
     """Shared epilogue: ``y + D*u``, gate with ``silu(z)``, cast back to the input dtype."""
     if D is not None:
-        y = y + u * D.float()[None, :, None]
+        y = y + u * D.to(y.dtype)[None, :, None]
     if z is not None:
-        y = y * F.silu(z.float())
+        y = y * F.silu(z.to(y.dtype))
     return y.to(dtype)
 
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """Selective scan, one token at a time, accumulating in fp32.
+    """Selective scan, one token at a time, accumulating in fp32 (fp64 for fp64 inputs).
 
     Shapes: ``u, delta, z: (b, d, l)``, ``A: (d, n)``, ``B, C: (b, n, l)``, ``D, delta_bias: (d,)``.
     Returns ``y: (b, d, l)`` in ``u``'s dtype, where from ``h_0 = 0``

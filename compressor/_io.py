@@ -1,0 +1,42 @@
+"""Small I/O helpers: atomic writes (temp file in the same folder, fsync, rename)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import RmeetoError
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file,
+    and an interrupted write leaves the previous file intact."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise RmeetoError(f"cannot write {path}: {e.strerror}; choose a writable output location") from None
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
+    return atomic_write(path, lambda p: torch.save(obj, p))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda p: p.write_text(text))

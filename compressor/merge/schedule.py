@@ -1,0 +1,123 @@
+"""Where merges happen and how many tokens each removes: pure arithmetic, no tensors.
+
+Semantics (official R-MeeTo, see docs/design.md): a merge runs at the start of layer ``i`` when
+``i > 0 and i % interval == 0`` (``odd``: ``(i + 1) % interval == 0``) or when ``i`` is listed in
+``layers``; it removes ``r = min(num_prune, (L - 1) // 2)`` tokens (``L`` counts the class token);
+with ``final_tokens > 0`` the last merge layer instead merges down to ``final_tokens`` tokens
+(capped the same way). The class token moves from ``tp`` to ``(tp * (L - r)) // L`` (ordered) or
+``(tp * (n_src - r)) // n_src`` with ``n_src = ceil((L - 1) / 2)`` (unordered).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MODES = ("merge", "prune")
+DISTANCES = ("cosine", "l1", "l2")
+METRICS = ("x",)
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """The ``[merge]`` table of a recipe."""
+
+    mode: str = "merge"
+    num_prune: int = 0
+    interval: int = 2
+    odd: bool = False
+    layers: tuple[int, ...] = field(default_factory=tuple)
+    final_tokens: int = 0
+    ordered: bool = True
+    distance: str = "cosine"
+    metric: str = "x"
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.distance not in DISTANCES:
+            raise ValueError(f"distance must be one of {DISTANCES}, got {self.distance!r}")
+        if self.metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
+        if self.num_prune < 0 or self.final_tokens < 0:
+            raise ValueError("num_prune and final_tokens must be >= 0")
+        if self.interval < 1:
+            raise ValueError(f"interval must be >= 1, got {self.interval}")
+        object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+        if any(i < 1 for i in self.layers):
+            raise ValueError(f"layers must be >= 1 (no merge before the first block), got {list(self.layers)}")
+
+    def merge_layers(self, depth: int) -> list[int]:
+        """Layer indices (0-based) before which a merge runs."""
+        if self.layers:
+            return sorted(i for i in set(self.layers) if i < depth)
+        if self.odd:
+            return [i for i in range(1, depth) if (i + 1) % self.interval == 0]
+        return [i for i in range(1, depth) if i % self.interval == 0]
+
+
+@dataclass(frozen=True)
+class MergeStep:
+    """One merge: before ``layer``, ``tokens_in`` → ``tokens_out`` (``r`` removed); the class
+    token moves from ``cls_in`` to ``cls_out`` (both None without a class token)."""
+
+    layer: int
+    tokens_in: int
+    r: int
+    cls_in: int | None
+    cls_out: int | None
+
+    @property
+    def tokens_out(self) -> int:
+        return self.tokens_in - self.r
+
+
+def class_token_after(cls_in: int | None, tokens_in: int, r: int, ordered: bool = True) -> int | None:
+    """New class-token index after removing ``r`` of ``tokens_in`` tokens (class token included)."""
+    if cls_in is None:
+        return None
+    if ordered:
+        return (cls_in * (tokens_in - r)) // tokens_in
+    n_src = -(-(tokens_in - 1) // 2)
+    return (cls_in * (n_src - r)) // n_src
+
+
+def merge_schedule(cfg: MergeConfig, num_tokens: int, cls_index: int | None, depth: int) -> list[MergeStep]:
+    """The merges a recipe performs on a model with ``num_tokens`` input tokens. Merges that
+    would remove nothing are left out (they are no-ops)."""
+    layers = cfg.merge_layers(depth)
+    has_cls = cls_index is not None
+    steps, L, tp = [], num_tokens, cls_index
+    for k, layer in enumerate(layers):
+        cap = (L - has_cls) // 2
+        want = L - cfg.final_tokens if cfg.final_tokens > 0 and k == len(layers) - 1 else cfg.num_prune
+        r = max(0, min(want, cap))
+        if r == 0:
+            continue
+        new_tp = class_token_after(tp, L, r, cfg.ordered)
+        steps.append(MergeStep(layer, L, r, tp, new_tp))
+        L, tp = L - r, new_tp
+    return steps
+
+
+def tokens_per_layer(steps: list[MergeStep], num_tokens: int, depth: int) -> list[int]:
+    """Tokens each layer processes (after the merge at its start, if any)."""
+    by_layer = {s.layer: s.tokens_out for s in steps}
+    out, L = [], num_tokens
+    for i in range(depth):
+        L = by_layer.get(i, L)
+        out.append(L)
+    return out
+
+
+def cls_per_layer(steps: list[MergeStep], cls_index: int | None, depth: int) -> list[int | None]:
+    by_layer = {s.layer: s.cls_out for s in steps}
+    out, tp = [], cls_index
+    for i in range(depth):
+        tp = by_layer.get(i, tp)
+        out.append(tp)
+    return out
+
+
+def reduction_ratio(steps: list[MergeStep], num_tokens: int, depth: int) -> float:
+    """Removed token-layer slots over ``depth * num_tokens`` (the paper's 0.14 / 0.31 / ...)."""
+    return 1.0 - sum(tokens_per_layer(steps, num_tokens, depth)) / (depth * num_tokens)
