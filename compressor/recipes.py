@@ -178,9 +178,13 @@ _RETRAIN_RULES: dict[str, _Rule] = {
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _TOP_RULES: dict[str, _Rule] = {
-    "name": _Rule("str", lambda v: bool(_NAME_RE.fullmatch(v)), "a name of letters, digits, '.', '_' or '-'"),
+    "name": _Rule(
+        "str", lambda v: bool(_NAME_RE.fullmatch(v)), "letters, digits, '.', '_' or '-' (starting with a letter or digit)"
+    ),
     "description": _STR,
-    "version": _Rule("int", lambda v: v == RECIPE_FORMAT_VERSION, f"{RECIPE_FORMAT_VERSION} (the recipe format this rmeeto reads)"),
+    "version": _Rule(
+        "int", lambda v: v == RECIPE_FORMAT_VERSION, f"{RECIPE_FORMAT_VERSION} (the recipe format this rmeeto reads)"
+    ),
 }
 _SECTIONS = ("merge", "retrain")
 

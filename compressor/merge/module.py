@@ -45,7 +45,11 @@ class TokenMerge(nn.Module):
         merge = self.match(hidden)
         if size is None:
             size = hidden.new_ones(hidden.shape[0], hidden.shape[1], 1, dtype=torch.float32)
-        new_size = merge(size)
-        hidden = (merge(hidden.float() * size) / new_size).to(hidden.dtype)
-        residual = (merge(residual.float() * size) / new_size).to(residual.dtype)
-        return hidden, residual, new_size
+        # one scatter moves hidden states, residual and sizes together (fp32 sums)
+        d = hidden.shape[-1]
+        packed = torch.cat([hidden.float() * size, residual.float() * size, size], dim=-1)
+        merged = merge(packed)
+        new_size = merged[..., 2 * d :]
+        hidden_new = (merged[..., :d] / new_size).to(hidden.dtype)
+        residual_new = (merged[..., d : 2 * d] / new_size).to(residual.dtype)
+        return hidden_new, residual_new, new_size

@@ -64,7 +64,7 @@ class BiMambaMixer(nn.Module):
         x = ops.causal_conv1d(x, conv.weight.squeeze(1), conv.bias, activation="silu", backend=self.backend)
         x_dbl = F.linear(x.transpose(1, 2), x_proj.weight)  # (b, l, r + 2n)
         dt, b_ssm, c_ssm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # (b, e, l), bias added in the scan
+        delta = dt_proj.weight @ dt.transpose(1, 2)  # (b, e, l) with l contiguous; bias added in the scan
         return ops.selective_scan(
             x, delta, -torch.exp(a_log.float()), b_ssm.transpose(1, 2), c_ssm.transpose(1, 2),
             d_skip.float(), z, delta_bias=dt_proj.bias.float(), delta_softplus=True, backend=self.backend,
@@ -72,7 +72,8 @@ class BiMambaMixer(nn.Module):
 
     def forward(self, h):
         """``h: (b, l, d)`` → ``(b, l, d)``."""
-        xz = self.in_proj(h).transpose(1, 2)  # (b, 2e, l)
+        # (b, 2e, l) with l contiguous, the layout the scan kernels want (as the official code)
+        xz = self.in_proj.weight @ h.transpose(1, 2)
         x, z = xz.chunk(2, dim=1)
         y_f = self._direction(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
         y_b = self._direction(x.flip(-1), z.flip(-1), self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b)
