@@ -15,6 +15,7 @@ from ..errors import RmeetoError
 
 # importing a command module registers its command on ``app``
 from . import info  # noqa: E402,F401
+from . import recipes  # noqa: E402,F401
 
 __all__ = ["app", "main"]
 

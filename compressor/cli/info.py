@@ -20,7 +20,7 @@ class Family(str, Enum):
 
 @command()
 def info(
-    ckpt: Annotated[Path, typer.Argument(help="Checkpoint file (.pth/.pt): official Vim/VideoMamba or rmeeto.", show_default=False)],
+    ckpt: Annotated[Path, typer.Argument(metavar="CKPT", help="Checkpoint file (.pth/.pt): official Vim/VideoMamba or rmeeto.", show_default=False)],
     family: Annotated[
         Optional[Family],
         typer.Option(help="Model family: the two share their state_dict layout, so the file cannot tell."),
@@ -45,7 +45,7 @@ def _rows(d: dict) -> list[tuple[str, str]]:
         rows += [("format", f"rmeeto compressed, version {d['rmeeto_format']}"), ("family", str(d["family"]))]
     else:
         cfg = d["config"]
-        family = cfg.family if d["family"] else f"{cfg.family} (or videomamba: pass --family)" if d["ambiguous"] else cfg.family
+        family = f"{cfg.family} (assumed)" if d["ambiguous"] else cfg.family
         cls = "none (mean pooling)" if d["cls_index"] is None else f"{d['cls_index']} ({d['cls_position']})"
         rows += [
             ("family", family),

@@ -15,6 +15,7 @@ import logging
 import math
 import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -76,7 +77,8 @@ def read_checkpoint(path) -> dict:
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): re-download or re-save it")
     try:
-        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # then it fails, or loads fine
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise _unpickling_error(path, e) from e
@@ -112,7 +114,8 @@ def _reason(e: BaseException) -> str:
     """A short, single-line description of a low-level load error."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     # torch's weights-only messages start with boilerplate; the specific line comes later
-    text = next((ln for ln in lines if "Unsupported" in ln or "failed" in ln), lines[0] if lines else "")
+    text = next((ln for ln in lines if "Unsupported" in ln), None)
+    text = text or next((ln for ln in lines if "failed" in ln), lines[0] if lines else "")
     text = text.split(". ")[0].rstrip(".")
     if not text or text.isdigit() or len(text) < 4:
         text = {EOFError: "the file ends early"}.get(type(e), f"{type(e).__name__}: {text}".rstrip(": "))
