@@ -10,8 +10,8 @@ import torch
 import torch.fx as fx
 
 from ._io import atomic_torch_save
-from .errors import CheckpointError, RmeetoError
-from .fx import insert_merges, rewrite_readout, trace
+from .errors import CheckpointError, RecipeError, RmeetoError
+from .fx import guard_input, insert_merges, rewrite_readout, trace
 from .merge.schedule import MergeConfig, merge_schedule
 from .models.config import VimConfig
 from .models.vim import VisionMamba
@@ -42,8 +42,10 @@ def convert(model: VisionMamba, recipe) -> fx.GraphModule:
         raise RmeetoError(f"convert expects a VisionMamba (from create_model or load_model), got {type(model).__name__}")
     recipe = _as_recipe(recipe)
     cfg = model.cfg
+    _check_layers(recipe, cfg.depth)
     steps = merge_schedule(recipe.merge, cfg.num_tokens, cfg.cls_index, cfg.depth)
     gm = trace(model)
+    guard_input(gm, cfg.in_chans, cfg.img_size)
     size = insert_merges(gm, steps, recipe.merge)
     rewrite_readout(gm, steps[-1].cls_out if steps else cfg.cls_index, size)
     gm.graph.lint()
@@ -51,6 +53,16 @@ def convert(model: VisionMamba, recipe) -> fx.GraphModule:
     gm.cfg, gm.recipe, gm.steps = cfg, recipe, steps
     gm.train(model.training)
     return gm
+
+
+def _check_layers(recipe, depth: int) -> None:
+    """Explicit merge layers must exist (``merge_layers`` would silently skip the others)."""
+    bad = [i for i in recipe.merge.layers if i >= depth]
+    if bad:
+        raise RecipeError(
+            f"recipe {recipe.name}: [merge] layers lists layer {bad[0]} but the model has {depth} layers "
+            f"(0-{depth - 1}): remove it or use a deeper model"
+        )
 
 
 def save_compressed(module: fx.GraphModule, path: str | os.PathLike, extra: dict | None = None) -> None:
@@ -69,11 +81,16 @@ def save_compressed(module: fx.GraphModule, path: str | os.PathLike, extra: dict
     atomic_torch_save(payload, path)
 
 
-def load_compressed_payload(obj: dict, backend: str = "auto", **overrides) -> fx.GraphModule:
-    """Rebuild a converted model from the dict :func:`save_compressed` wrote (eval mode)."""
+def load_compressed_payload(obj: dict, backend: str = "auto", family: str | None = None, ema: bool = False, **overrides) -> fx.GraphModule:
+    """Rebuild a converted model from the dict :func:`save_compressed` wrote (eval mode).
+
+    ``family`` is accepted for :func:`~compressor.models.load_model`'s sake and ignored: the stored
+    arch says it. A compressed file holds one set of weights, so ``ema=True`` is an error."""
     from .models.vim import set_backend
     from .recipes import recipe_from_dict
 
+    if ema:
+        raise CheckpointError("a compressed checkpoint holds one set of weights (no model_ema): drop --ema / ema=True")
     version = obj.get("rmeeto_format")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"compressed checkpoint format {version} is not supported by this rmeeto (reads {FORMAT_VERSION}): upgrade rmeeto")

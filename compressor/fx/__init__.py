@@ -1,6 +1,6 @@
 """torch.fx tracing of Vision Mamba (blocks as leaves) and the graph passes of the converter."""
 
-from .passes import insert_merges, rewrite_readout
+from .passes import check_image, guard_input, insert_merges, rewrite_readout
 from .tracer import VimTracer, trace
 
-__all__ = ["VimTracer", "trace", "insert_merges", "rewrite_readout"]
+__all__ = ["VimTracer", "trace", "check_image", "guard_input", "insert_merges", "rewrite_readout"]

@@ -6,7 +6,7 @@ import operator
 
 import torch.fx as fx
 
-from ..errors import RmeetoError
+from ..errors import RmeetoError, ShapeError
 from ..merge.module import TokenMerge
 from ..merge.schedule import MergeConfig, MergeStep
 from ..models.vim import Block, TokenReadout
@@ -15,6 +15,30 @@ from ..models.vim import Block, TokenReadout
 def _modules_of(gm: fx.GraphModule, kind) -> list[fx.Node]:
     mods = dict(gm.named_modules())
     return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(mods.get(n.target), kind)]
+
+
+def check_image(img, in_chans: int, img_size: int):
+    """``img`` unchanged if it is ``(b, in_chans, img_size, img_size)``, else a one-line ShapeError."""
+    if img.dim() != 4 or tuple(img.shape[1:]) != (in_chans, img_size, img_size):
+        raise ShapeError(
+            f"the compressed model takes images of shape (batch, {in_chans}, {img_size}, {img_size}) but got "
+            f"{tuple(img.shape)}: its token counts were fixed at conversion; resize the images or convert a model "
+            "built for this size"
+        )
+    return img
+
+
+def guard_input(gm: fx.GraphModule, in_chans: int, img_size: int) -> None:
+    """Check the image shape first: a wrong size would otherwise fail deep inside the graph with a
+    broadcasting error (position embedding) instead of saying what the model expects."""
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(inputs) != 1:
+        raise RmeetoError(f"expected one input (the images), found {len(inputs)}: is this a Vision Mamba?")
+    img = inputs[0]
+    with gm.graph.inserting_after(img):
+        node = gm.graph.call_function(check_image, (img, in_chans, img_size))
+    img.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
+    node.meta["rmeeto_guard"] = (in_chans, img_size)
 
 
 def insert_merges(gm: fx.GraphModule, steps: list[MergeStep], cfg: MergeConfig) -> fx.Node | None:
