@@ -1,0 +1,95 @@
+"""``rmeeto profile CKPT -o report/``: speed, merge overhead, FLOPs and accuracy of a compressed
+model against its baseline (or of recipes applied to an official checkpoint)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .. import ops
+from ..errors import RmeetoError
+from ..profile.report import to_table
+from ..profile.run import ProfileSettings, run_profile
+from ._app import command, console
+
+
+class Family(str, Enum):
+    vim = "vim"
+    videomamba = "videomamba"
+
+
+class Device(str, Enum):
+    cuda = "cuda"
+    cpu = "cpu"
+
+
+class DType(str, Enum):
+    fp16 = "fp16"
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
+OpBackend = Enum("OpBackend", {b: b for b in ops.BACKENDS}, type=str)
+
+
+def _csv(option: str, text: str | None) -> list[str]:
+    items = [t.strip() for t in (text or "").split(",") if t.strip()]
+    if text is not None and not items:
+        raise RmeetoError(f"{option} is empty: give a comma-separated list")
+    return items
+
+
+def _ints(option: str, text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in _csv(option, text))
+    except ValueError:
+        raise RmeetoError(f"{option} must be comma-separated integers, got {text!r}") from None
+
+
+@command()
+def profile(
+    ckpt: Annotated[Optional[Path], typer.Argument(metavar="[CKPT]", help="Compressed (rmeeto) or official checkpoint.", show_default=False)] = None,
+    out: Annotated[Path, typer.Option("-o", "--out", help="Folder for report.json, report.md and the plots.")] = Path("report"),
+    baseline: Annotated[Optional[Path], typer.Option(help="Baseline checkpoint (default: CKPT's weights without merging).", show_default=False)] = None,
+    recipes: Annotated[Optional[str], typer.Option(help="Comma-separated recipes applied training-free to the baseline, e.g. r014,r031,r056.", show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option(help="Registry model with random weights instead of CKPT (speed only), e.g. vim_small.", show_default=False)] = None,
+    family: Annotated[Optional[Family], typer.Option(help="Model family of an official checkpoint (the file cannot tell).", show_default=False)] = None,
+    device: Annotated[Optional[Device], typer.Option(help="Where to run (default: cuda if available, else cpu).", show_default=False)] = None,
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8,64,128",
+    dtype: Annotated[Optional[DType], typer.Option(help="Precision (default: fp16 on cuda, fp32 on cpu).", show_default=False)] = None,
+    backends: Annotated[str, typer.Option(help="Comma-separated: eager, graph (one CUDA graph), compile (torch.compile), onnxruntime (CPU).")] = "eager,graph",
+    ops_backend: Annotated[OpBackend, typer.Option("--ops", help="Op backend of the scan / conv / norm.")] = OpBackend("auto"),
+    warmup: Annotated[int, typer.Option(help="Untimed calls before timing.")] = 5,
+    repeats: Annotated[int, typer.Option(help="Timed calls per model, backend and batch size.")] = 30,
+    overhead: Annotated[str, typer.Option(help="Merge-overhead methods: sliced, hooks (comma-separated; 'none' for neither).")] = "sliced,hooks",
+    data: Annotated[Optional[Path], typer.Option(help="ImageFolder dataset (DIR/val or DIR/test) for top-1 / top-5.", show_default=False)] = None,
+    eval_batch_size: Annotated[int, typer.Option(help="Batch size of the accuracy evaluation.")] = 64,
+    workers: Annotated[int, typer.Option(help="Data loader worker processes for the evaluation.")] = 4,
+):
+    """Time the compressed model and its baseline per backend and batch size; write a report."""
+    settings = ProfileSettings(
+        device=device.value if device else "auto",
+        batch_sizes=_ints("--batch-sizes", batch_sizes),
+        dtype=dtype.value if dtype else None,
+        backends=tuple(_csv("--backends", backends)),
+        warmup=warmup,
+        repeats=repeats,
+        ops=ops_backend.value,
+        overhead=tuple(m for m in _csv("--overhead", overhead) if m != "none"),
+        eval_batch_size=eval_batch_size,
+        eval_workers=workers,
+    )
+    with console.status("profiling") as status:
+        report = run_profile(
+            ckpt, out_dir=out, baseline=baseline, recipes=_csv("--recipes", recipes) if recipes is not None else (),
+            model=model, family=family.value if family else None, data=data, settings=settings,
+            progress=lambda msg: status.update(msg),
+        )
+    console.print(to_table(report))
+    for note in report["notes"] + [f"{e['name']}: {n}" for e in report["models"] for n in e["notes"]]:
+        console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+    files = ", ".join(Path(p).name for p in report["outputs"].values())
+    console.print(f"wrote {out}/ ({files})", highlight=False)

@@ -1,0 +1,250 @@
+"""Timing one model on one input: how it is run (eager, one CUDA graph, torch.compile, ONNX
+Runtime) and how the runs are measured (warm-up, then one timed call after another).
+
+Measurement: ``warmup`` untimed calls, then ``repeats`` calls back to back. On CUDA each call is
+bracketed by CUDA events and the host synchronises once at the end, so the per-call times are
+the steady-state time per batch (a launch-bound call is timed at its launch rate, a GPU-bound
+one at its kernel time). On the CPU each call is timed with ``perf_counter`` (calls are
+synchronous there). Throughput is ``batch / median time``, robust to the odd slow call (a host
+hiccup in a launch-bound eager loop); ``throughput_sustained`` is ``batch · repeats`` over the
+whole span (first start to last end), which such hiccups do lower.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+__all__ = ["EXEC_BACKENDS", "Runner", "Unavailable", "prepare_runner", "measure", "time_backend", "close_cache"]
+
+#: How a model is executed (not to be confused with the op backends of :mod:`compressor.ops`).
+EXEC_BACKENDS = ("eager", "graph", "compile", "onnxruntime")
+
+
+class Unavailable(Exception):
+    """A backend cannot run here; the message says why (it goes into the report as a note).
+    ``status``: ``skipped`` (not available on this machine) or ``failed`` (it was tried)."""
+
+    def __init__(self, message: str, status: str = "skipped"):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Runner:
+    """``run()`` does one forward on a static input. ``status`` is ``ok`` or ``fallback`` (the
+    backend failed and eager was timed instead); ``device`` is where the work runs."""
+
+    run: Callable[[], Any]
+    device: str
+    status: str = "ok"
+    note: str = ""
+    cleanup: Callable[[], None] = field(default=lambda: None)
+
+
+# --------------------------------------------------------------------------------------------
+# runners
+
+
+def _eager(model: nn.Module, x: torch.Tensor) -> Runner:
+    return Runner(lambda: model(x), device=x.device.type)
+
+
+def _graph(model: nn.Module, x: torch.Tensor) -> Runner:
+    """The whole forward captured in one CUDA graph with a static input buffer; replay only.
+    Token counts are fixed by the recipe and the image size, so the shapes are static."""
+    if x.device.type != "cuda":
+        raise Unavailable("CUDA graphs need a CUDA device")
+    static_in = x.clone()
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up on a side stream (lazy inits, autotuning)
+            for _ in range(3):
+                model(static_in)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = model(static_in)
+        torch.cuda.synchronize()
+    except Exception as e:  # noqa: BLE001 -- any capture failure falls back to eager, with the reason
+        torch.cuda.synchronize()
+        runner = _eager(model, x)
+        runner.status, runner.note = "fallback", f"CUDA graph capture failed ({_short(e)}); timed eager instead"
+        return runner
+
+    def replay():
+        graph.replay()
+        return static_out
+
+    return Runner(replay, device="cuda", cleanup=graph.reset)
+
+
+def _compile(model: nn.Module, x: torch.Tensor) -> Runner:
+    """``torch.compile`` (default mode, static shapes); the first call compiles, outside timing."""
+    try:
+        compiled = torch.compile(model, dynamic=False)
+        compiled(x)
+    except Exception as e:  # noqa: BLE001 -- an optional backend: report why it did not run
+        torch._dynamo.reset()
+        raise Unavailable(f"torch.compile failed ({_short(e)})", "failed") from None
+    return Runner(lambda: compiled(x), device=x.device.type, cleanup=torch._dynamo.reset)
+
+
+def _onnxruntime(model: nn.Module, x: torch.Tensor, cache: dict | None = None) -> Runner:
+    """ONNX Runtime's CPU provider on an fp32 CPU copy exported (once per model, batch dimension
+    dynamic) with ``compressor.export.onnx.export_onnx`` (fp32: the CPU provider has no fast fp16
+    path). ``cache`` keeps the session for the model's other batch sizes; :func:`close_cache`."""
+    cache = {} if cache is None else cache
+    key = ("onnxruntime", id(model))
+    if key not in cache:
+        try:
+            cache[key] = _ort_session(model)
+        except Unavailable as e:
+            cache[key] = e  # do not export again for the next batch size
+    if isinstance(cache[key], Unavailable):
+        raise cache[key]
+    session = cache[key][1]
+    feed = {session.get_inputs()[0].name: x.detach().float().cpu().numpy()}
+    return Runner(lambda: session.run(None, feed), device="cpu", note="ONNX Runtime CPUExecutionProvider, fp32")
+
+
+def _ort_session(model: nn.Module):
+    try:
+        from ..export.onnx import export_onnx
+    except ImportError as e:
+        raise Unavailable(f"compressor.export is not available ({_short(e)})") from None
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise Unavailable("onnxruntime is not installed: pip install onnxruntime") from None
+    cpu_model = copy.deepcopy(model).float().cpu().eval()
+    for attr in ("cfg", "recipe", "steps", "extra"):  # deepcopy of a GraphModule drops them
+        if hasattr(model, attr):
+            setattr(cpu_model, attr, getattr(model, attr))
+    tmp = tempfile.TemporaryDirectory(prefix="rmeeto-ort-")
+    path = Path(tmp.name) / "model.onnx"
+    try:
+        export_onnx(cpu_model, path, dynamic_batch=True, check=False)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 -- optional backend: the reason goes into the report
+        tmp.cleanup()
+        raise Unavailable(f"ONNX export or session failed ({_short(e)})", "failed") from None
+    return tmp, session
+
+
+def close_cache(cache: dict) -> None:
+    """Drop the exported sessions of :func:`_onnxruntime` and their temporary files."""
+    for entry in cache.values():
+        if isinstance(entry, tuple):
+            entry[0].cleanup()
+    cache.clear()
+
+
+_RUNNERS = {"eager": _eager, "graph": _graph, "compile": _compile, "onnxruntime": _onnxruntime}
+
+
+def prepare_runner(backend: str, model: nn.Module, x: torch.Tensor, cache: dict | None = None) -> Runner:
+    """A :class:`Runner` for ``backend``; raises :class:`Unavailable` when it cannot run here.
+    ``cache`` keeps per-model state across batch sizes (the exported ONNX session)."""
+    if backend not in _RUNNERS:
+        raise ValueError(f"unknown execution backend {backend!r}: choose from {', '.join(EXEC_BACKENDS)}")
+    if backend == "onnxruntime":
+        return _onnxruntime(model, x, cache)
+    return _RUNNERS[backend](model, x)
+
+
+# --------------------------------------------------------------------------------------------
+# measuring
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(runner: Runner, batch_size: int, *, warmup: int = 5, repeats: int = 30) -> dict:
+    """Time ``runner`` (see the module docstring). Peak memory is CUDA's ``max_memory_allocated``
+    over the timed calls (weights, inputs, graph pools and activations); None off CUDA."""
+    repeats = max(1, repeats)
+    for _ in range(warmup):
+        runner.run()
+    _sync(runner.device)
+    peak = None
+    if runner.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+        for s, e in zip(starts, ends):
+            s.record()
+            runner.run()
+            e.record()
+        torch.cuda.synchronize()  # sync point: read all events at once
+        times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+        total_ms = starts[0].elapsed_time(ends[-1])
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        times = []
+        t_first = time.perf_counter()
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            runner.run()
+            times.append((time.perf_counter() - t0) * 1e3)
+        total_ms = (time.perf_counter() - t_first) * 1e3
+    median = statistics.median(times)
+    return {
+        "throughput": batch_size / (median / 1e3),
+        "throughput_sustained": batch_size * repeats / (total_ms / 1e3),
+        "latency_ms_median": median,
+        "latency_ms_p90": float(np.percentile(times, 90)),
+        "latency_ms_min": min(times),
+        "peak_memory_mb": peak,
+        "warmup": warmup,
+        "repeats": repeats,
+    }
+
+
+def empty_result(backend: str, batch_size: int, status: str, note: str) -> dict:
+    """A timing row without numbers (backend skipped or failed)."""
+    return {
+        "backend": backend, "batch_size": batch_size, "status": status, "note": note, "device": None,
+        "throughput": None, "throughput_sustained": None, "latency_ms_median": None, "latency_ms_p90": None, "latency_ms_min": None,
+        "peak_memory_mb": None, "warmup": 0, "repeats": 0, "speedup": None,
+    }
+
+
+def time_backend(model: nn.Module, backend: str, x: torch.Tensor, *, warmup: int, repeats: int,
+                 cache: dict | None = None) -> dict:
+    """One timing row: prepare the backend, measure, clean up. Never raises for a backend that
+    cannot run: the row says ``skipped`` (not available here) or ``failed`` with a note."""
+    bs = x.shape[0]
+    # capture / compile and the timed calls under the same mode (no autograd bookkeeping)
+    with torch.inference_mode() if backend != "onnxruntime" else contextlib.nullcontext():
+        try:
+            runner = prepare_runner(backend, model, x, cache)
+        except Unavailable as e:
+            return empty_result(backend, bs, e.status, str(e))
+        try:
+            stats = measure(runner, bs, warmup=warmup, repeats=repeats)
+        finally:
+            runner.cleanup()
+            if x.device.type == "cuda":
+                torch.cuda.empty_cache()
+    return {"backend": backend, "batch_size": bs, "status": runner.status, "note": runner.note,
+            "device": runner.device, **stats, "speedup": None}
+
+
+def _short(e: BaseException) -> str:
+    """First line of an exception, capped (the report keeps one line per note)."""
+    text = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}".rstrip(": ")
+    return text[:200]
