@@ -3,7 +3,7 @@
 
 Exports both with :func:`compressor.export.export_onnx` (dynamic batch, parity-checked against
 PyTorch), then times ``InferenceSession.run`` at each batch size: median of ``--repeats`` runs after
-``--warmup``, intra-op threads = all cores. ``--profile`` adds ONNX Runtime's per-op-type time
+``--warmup``, the two models taking turns run by run, intra-op threads = all cores. ``--profile`` adds ONNX Runtime's per-op-type time
 split at the largest batch, to see what dominates. Random weights: latency does not depend on
 them (the merge does the same work whatever it matches).
 
@@ -43,23 +43,27 @@ def session(path: Path, threads: int, profile: bool = False) -> ort.InferenceSes
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def latency_ms(sess: ort.InferenceSession, shape: tuple, warmup: int, repeats: int) -> float:
+def latencies_ms(sessions: dict[str, ort.InferenceSession], shape: tuple, warmup: int, repeats: int) -> dict[str, float]:
+    """Median wall time of ``sess.run`` per session. The sessions take turns run by run, so a
+    burst of load from other processes hits all of them alike instead of one variant's block."""
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    name = sess.get_inputs()[0].name
+    feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
     for _ in range(warmup):
-        sess.run(None, {name: x})
-    times = []
+        for k, s in sessions.items():
+            s.run(None, feeds[k])
+    times: dict[str, list[float]] = {k: [] for k in sessions}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        sess.run(None, {name: x})
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+        for k, s in sessions.items():
+            t0 = time.perf_counter()
+            s.run(None, feeds[k])
+            times[k].append(time.perf_counter() - t0)
+    return {k: 1e3 * statistics.median(t) for k, t in times.items()}
 
 
 def op_profile(path: Path, shape: tuple, threads: int, runs: int = 3) -> dict[str, float]:
     """Share of node time per ONNX op type over ``runs`` runs (ORT's profiler)."""
     sess = session(path, threads, profile=True)
-    latency_ms(sess, shape, warmup=1, repeats=runs)
+    latencies_ms({"": sess}, shape, warmup=1, repeats=runs)
     trace = Path(sess.end_profiling())
     totals: dict[str, float] = defaultdict(float)
     for ev in json.loads(trace.read_text()):
@@ -95,16 +99,20 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = args.keep_dir or Path(tmp)
+        paths = {}
         for name, module in variants.items():
-            path = out_dir / f"{args.model}_{name.split('(')[0]}.onnx"
+            paths[name] = out_dir / f"{args.model}_{name.split('(')[0]}.onnx"
             print(f"exporting {name} ...", flush=True)
-            report = export_onnx(module, path, dynamic_batch=True, batch=1)
-            sess = session(path, args.threads)
-            lat = {b: latency_ms(sess, (b, cfg.in_chans, cfg.img_size, cfg.img_size), args.warmup, args.repeats) for b in args.batches}
-            entry = {"report": report.to_dict(), "latency_ms": lat, "tokens_last_layer": _tokens_last(module, cfg)}
+            report = export_onnx(module, paths[name], dynamic_batch=True, batch=1)
+            results["variants"][name] = {"report": report.to_dict(), "tokens_last_layer": _tokens_last(module, cfg), "latency_ms": {}}
+        sessions = {name: session(path, args.threads) for name, path in paths.items()}
+        for b in args.batches:
+            shape = (b, cfg.in_chans, cfg.img_size, cfg.img_size)
+            for name, ms in latencies_ms(sessions, shape, args.warmup, args.repeats).items():
+                results["variants"][name]["latency_ms"][b] = ms
+        for name, entry in results["variants"].items():
             if args.profile:
-                entry["op_share"] = op_profile(path, (max(args.batches), cfg.in_chans, cfg.img_size, cfg.img_size), args.threads)
-            results["variants"][name] = entry
+                entry["op_share"] = op_profile(paths[name], (max(args.batches), cfg.in_chans, cfg.img_size, cfg.img_size), args.threads)
             _print_variant(name, entry)
     plain, merged = results["variants"].values()
     results["speedup"] = {b: plain["latency_ms"][b] / merged["latency_ms"][b] for b in args.batches}

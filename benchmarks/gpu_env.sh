@@ -1,13 +1,13 @@
 # Source on the lent GPU machine (see ../shared/docs/gpu.md): unpacks the prebuilt kernels and the
-# CIFAR-10 archives that were carried in .gpu/ (k/: kernels, d/: data) and sets PYTHONPATH.
+# CIFAR-10 archives carried in .gpu/ (k/: kernels, d/: data) or .gpu2/ (mamba-ssm + data in one
+# folder, under the 64 MiB carry limit) and sets PYTHONPATH.
 #   mkdir -p .gpu/k .gpu/d && cp ../shared/kernels/*-sm90-*.tar.xz .gpu/k/ && cp ../shared/data/cifar10/*.tar.xz .gpu/d/
 #   (then on the device)  . benchmarks/gpu_env.sh
-set -e
 K=/tmp/rmeeto_kernels
 mkdir -p "$K"
-for f in .gpu/k/*.tar.xz; do [ -e "$f" ] && tar xJf "$f" -C "$K"; done
-if ls .gpu/d/*.tar.xz >/dev/null 2>&1; then
-  mkdir -p /tmp/cifar10 && for f in .gpu/d/*.tar.xz; do tar xJf "$f" -C /tmp/cifar10; done
+for f in .gpu/k/*.tar.xz .gpu2/mamba*.tar.xz; do [ -e "$f" ] && tar xJf "$f" -C "$K"; done
+if compgen -G ".gpu/d/*.tar.xz" >/dev/null || compgen -G ".gpu2/t*.tar.xz" >/dev/null; then
+  mkdir -p /tmp/cifar10 && for f in .gpu/d/*.tar.xz .gpu2/t*.tar.xz; do [ -e "$f" ] && tar xJf "$f" -C /tmp/cifar10; done
 fi
 export PYTHONPATH="$K/mamba_ssm:$K/causal_conv1d:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
@@ -17,4 +17,3 @@ print("device:", torch.cuda.get_device_name(0), "torch", torch.__version__)
 from compressor.ops import kernels_available
 print("kernels:", kernels_available())
 PY
-set +e

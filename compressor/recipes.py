@@ -96,6 +96,7 @@ class RetrainConfig:
     clip_grad: float = 0.0
     num_workers: int = 8
     eval_crop_pct: float = 0.875
+    crop_scale_min: float = 0.08  # RandomResizedCrop scale range (min, 1); DeiT/timm default
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,7 @@ _RETRAIN_RULES: dict[str, _Rule] = {
     "clip_grad": _NONNEG,
     "num_workers": _int(0),
     "eval_crop_pct": _float(lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "crop_scale_min": _float(lambda v: 0 < v <= 1, "a number in (0, 1]"),
 }
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

@@ -97,7 +97,9 @@ def test_plain_export_matches_pytorch(plain):
     with torch.no_grad():
         assert _rel_err(out, model(x)) <= 1e-4
     assert [b.mixer.backend for b in model.layers] == ["auto"] * 4, "export must restore the backend"
-    assert stat.S_IMODE(report.path.stat().st_mode) & 0o044, "the file keeps the private mode of its temp file"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(report.path.stat().st_mode) == 0o666 & ~umask, "not the private mode of the temp file"
 
 
 def test_metadata_records_the_input_size(plain, merged):
@@ -209,6 +211,8 @@ def test_bad_arguments(tmp_path):
         export_onnx(torch.nn.Linear(2, 2), tmp_path / "m.onnx")
     with pytest.raises(RmeetoError, match="batch must be >= 1"):
         export_onnx(_model(depth=1), tmp_path / "m.onnx", batch=0)
+    with pytest.raises(RmeetoError, match="rtol must be >= 0"):
+        export_onnx(_model(depth=1), tmp_path / "m.onnx", rtol=-1.0)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -16,6 +16,7 @@ from ..errors import RmeetoError
 # importing a command module registers its command on ``app``
 from . import info  # noqa: E402,F401
 from . import recipes  # noqa: E402,F401
+from . import profile as _profile  # noqa: E402,F401
 from . import visualize  # noqa: F401
 from . import compress  # noqa: F401
 from . import export  # noqa: F401

@@ -23,10 +23,12 @@ def eval_(
         Optional[Family], typer.Option(help="Model family of an official checkpoint (default vim; the file cannot tell).")
     ] = None,
     workers: Annotated[int, typer.Option(help="Data loader worker processes.", min=0)] = 4,
+    crop_pct: Annotated[Optional[float], typer.Option(help="Center-crop fraction (default: the checkpoint's recipe, else 0.875).", min=0.1, max=1.0)] = None,
 ):
     """Evaluate a checkpoint on an ImageFolder split: top-1, top-5, loss, images/s (fp32)."""
     m = evaluate_checkpoint(ckpt, data, batch_size=batch_size, device=device,
-                            family=family.value if family else "vim", num_workers=workers)
+                            family=family.value if family else "vim", num_workers=workers,
+                            crop_pct=crop_pct)
     table = Table(title=f"{ckpt} on {m['data']}", show_header=False)
     table.add_column("metric", style="bold")
     table.add_column("value", justify="right")

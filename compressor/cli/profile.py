@@ -67,6 +67,7 @@ def profile(
     overhead: Annotated[str, typer.Option(help="Merge-overhead methods: sliced, hooks (comma-separated; 'none' for neither).")] = "sliced,hooks",
     data: Annotated[Optional[Path], typer.Option(help="ImageFolder dataset (DIR/val or DIR/test) for top-1 / top-5.", show_default=False)] = None,
     eval_batch_size: Annotated[int, typer.Option(help="Batch size of the accuracy evaluation.")] = 64,
+    crop_pct: Annotated[Optional[float], typer.Option(help="Eval center-crop fraction for every model (default: each model's recipe, 0.875).", min=0.1, max=1.0)] = None,
     workers: Annotated[int, typer.Option(help="Data loader worker processes for the evaluation.")] = 4,
 ):
     """Time the compressed model and its baseline per backend and batch size; write a report."""
@@ -80,6 +81,7 @@ def profile(
         ops=ops_backend.value,
         overhead=tuple(m for m in _csv("--overhead", overhead) if m != "none"),
         eval_batch_size=eval_batch_size,
+        crop_pct=crop_pct,
         eval_workers=workers,
     )
     with console.status("profiling") as status:

@@ -122,6 +122,7 @@ def build_train_transform(img_size: int, retrain, no_aug: bool = False):
     return create_transform(
         img_size,
         is_training=True,
+        scale=(retrain.crop_scale_min, 1.0),
         auto_augment=retrain.auto_augment or None,
         color_jitter=retrain.color_jitter or None,
         re_prob=retrain.reprob,

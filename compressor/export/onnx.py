@@ -90,6 +90,8 @@ def export_onnx(model: nn.Module, path, *, opset: int | None = None, batch: int 
         raise RmeetoError(f"batch must be >= 1, got {batch}")
     if opset is not None and opset < MIN_OPSET:
         raise RmeetoError(f"opset {opset} is not supported: the exporter writes opset {MIN_OPSET} or newer (omit --opset for the default)")
+    if rtol is not None and not rtol >= 0:
+        raise RmeetoError(f"rtol must be >= 0, got {rtol}")
     if path.is_dir():
         raise RmeetoError(f"{path} is a directory: pass a file name such as {path / 'model.onnx'}")
     dtype = torch.float16 if fp16 else torch.float32

@@ -10,9 +10,16 @@ INSTALL_HINT = (
 )
 
 
+ERRORS: dict[str, str] = {}  # why an entry point did not import (shown by `rmeeto info`, benchmarks)
+
+
 @functools.lru_cache(maxsize=None)
 def load(name: str):
     """Import one kernel entry point; ``None`` when its package is missing or broken."""
+    if name != "selective_scan_fn":
+        # import mamba-ssm first: its own optional import of causal_conv1d must not see a
+        # half-initialised causal_conv1d left behind by a failed import of ours
+        load("selective_scan_fn")
     try:
         if name == "selective_scan_fn":
             from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
@@ -26,7 +33,8 @@ def load(name: str):
             from mamba_ssm.ops.triton.layer_norm import rms_norm_fn
 
             return rms_norm_fn
-    except Exception:  # a half-installed kernel package raises all sorts; treat as absent
+    except Exception as e:  # a half-installed kernel package raises all sorts; treat as absent
+        ERRORS[name] = f"{type(e).__name__}: {e}"
         return None
     raise KeyError(name)
 

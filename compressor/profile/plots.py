@@ -36,6 +36,9 @@ def plot_throughput(report: dict, path: Path) -> Path | None:
             if rows:
                 ax.plot(*zip(*rows), marker="o", label=e["name"], **_style(e, report["baseline"]))
         ax.set_xscale("log", base=2)
+        sizes = report["settings"]["batch_sizes"]
+        ax.set_xticks(sizes, [str(b) for b in sizes])
+        ax.minorticks_off()
         ax.set_xlabel("batch size")
         ax.set_ylabel("images / s")
         ax.set_title(f"{backend} ({report['hardware']['device_name']}, {report['settings']['dtype']})", fontsize=9)

@@ -25,7 +25,7 @@ from ..merge.schedule import reduction_ratio
 from ..models import VisionMamba, create_model, load_model, set_backend
 from .flops import count_flops
 from .overhead import hook_overhead, sliced_variant
-from .timing import EXEC_BACKENDS, close_cache, empty_result, time_backend
+from .timing import EXEC_BACKENDS, close_cache, time_backend
 
 __all__ = ["DTYPES", "REPORT_VERSION", "ProfileSettings", "ProfileTarget", "load_targets", "profile_models", "run_profile"]
 
@@ -67,6 +67,7 @@ class ProfileSettings:
     overhead: tuple[str, ...] = OVERHEAD_METHODS
     seed: int = 0
     eval_batch_size: int = 64
+    crop_pct: float | None = None  # eval center-crop fraction; None: each model's recipe (0.875 default)
     eval_workers: int = 4
 
     def resolved(self) -> "ProfileSettings":
@@ -333,7 +334,7 @@ def _accuracy(gm: fx.GraphModule, data, s: ProfileSettings) -> dict:
 
     spec = check_eval_dir(data, num_classes=gm.cfg.num_classes)
     recipe = getattr(gm, "recipe", None)
-    crop = recipe.retrain.eval_crop_pct if recipe is not None else 0.875
+    crop = s.crop_pct or (recipe.retrain.eval_crop_pct if recipe is not None else 0.875)
     loader = build_eval_loader(spec, gm.cfg.img_size, crop, batch_size=s.eval_batch_size, num_workers=s.eval_workers,
                                pin_memory=s.device == "cuda")
     m = evaluate(gm, loader, device=torch.device(s.device))

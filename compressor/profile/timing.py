@@ -161,6 +161,15 @@ def prepare_runner(backend: str, model: nn.Module, x: torch.Tensor, cache: dict 
         raise ValueError(f"unknown execution backend {backend!r}: choose from {', '.join(EXEC_BACKENDS)}")
     if backend == "onnxruntime":
         return _onnxruntime(model, x, cache)
+    if backend == "compile" and cache is not None:  # a failed compile fails again at the next batch size
+        failed = cache.get(("compile-failed", id(model)))
+        if failed is not None:
+            raise failed
+        try:
+            return _compile(model, x)
+        except Unavailable as e:
+            cache[("compile-failed", id(model))] = e
+            raise
     return _RUNNERS[backend](model, x)
 
 
@@ -214,7 +223,7 @@ def measure(runner: Runner, batch_size: int, *, warmup: int = 5, repeats: int = 
     }
 
 
-def empty_result(backend: str, batch_size: int, status: str, note: str) -> dict:
+def _empty_result(backend: str, batch_size: int, status: str, note: str) -> dict:
     """A timing row without numbers (backend skipped or failed)."""
     return {
         "backend": backend, "batch_size": batch_size, "status": status, "note": note, "device": None,
@@ -233,7 +242,7 @@ def time_backend(model: nn.Module, backend: str, x: torch.Tensor, *, warmup: int
         try:
             runner = prepare_runner(backend, model, x, cache)
         except Unavailable as e:
-            return empty_result(backend, bs, e.status, str(e))
+            return _empty_result(backend, bs, e.status, str(e))
         try:
             stats = measure(runner, bs, warmup=warmup, repeats=repeats)
         finally:
