@@ -4,6 +4,7 @@ never by unpickling code)."""
 
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
@@ -37,14 +38,15 @@ def convert(model: VisionMamba, recipe) -> fx.GraphModule:
     """Trace ``model`` with torch.fx (blocks as leaves), insert the recipe's merges, rewrite the
     readout. Token counts are fixed by ``model.cfg.img_size``: to run another image size,
     convert a model built for that size. A recipe that merges nothing gives a graph that
-    computes bit-exactly what ``model`` computes."""
+    computes bit-exactly what ``model`` computes. The returned module holds a copy of the
+    weights (several recipes can be converted from one model and cast or trained independently)."""
     if not isinstance(model, VisionMamba):
         raise RmeetoError(f"convert expects a VisionMamba (from create_model or load_model), got {type(model).__name__}")
     recipe = _as_recipe(recipe)
     cfg = model.cfg
     _check_layers(recipe, cfg.depth)
     steps = merge_schedule(recipe.merge, cfg.num_tokens, cfg.cls_index, cfg.depth)
-    gm = trace(model)
+    gm = trace(copy.deepcopy(model))  # the result owns its weights: training or casting it leaves ``model`` alone
     guard_input(gm, cfg.in_chans, cfg.img_size)
     size = insert_merges(gm, steps, recipe.merge)
     rewrite_readout(gm, steps[-1].cls_out if steps else cfg.cls_index, size)

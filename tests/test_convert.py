@@ -276,3 +276,20 @@ def test_train_mode_applies_drop_path():
     plain.eval()
     with torch.no_grad():
         assert torch.equal(plain(x), model.eval()(x))
+
+
+def test_converted_models_own_their_weights():
+    """Casting or training one converted model must not touch the source model or a sibling."""
+    from compressor.convert import convert as _convert
+    from compressor.merge import MergeConfig as _MC
+    from compressor.models import create_model as _create
+
+    base = _create("vim_test").eval()
+    a = _convert(base, _MC(num_prune=2))
+    b = _convert(base, "none")
+    a.half()
+    with torch.no_grad():
+        next(b.parameters()).add_(1.0)
+    assert all(p.dtype == torch.float32 for p in base.parameters())
+    assert all(p.dtype == torch.float32 for p in b.parameters())
+    assert not torch.equal(next(base.parameters()), next(b.parameters()))
