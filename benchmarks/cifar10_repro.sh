@@ -4,31 +4,33 @@
 # CLI only, on that checkpoint in the official layout, as a user would with vim_s.pth.
 #   DATA=/tmp/cifar10 RUN=runs/cifar10 EPOCHS=8 RT_EPOCHS=1 bash benchmarks/cifar10_repro.sh
 # On the lent GPU: `. benchmarks/gpu_env.sh` first (kernels + data); results land in $RUN and,
-# step by step, in $COPY (e.g. the device's $OUT) so that a time-out keeps what finished.
+# as one archive $COPY/cifar10_results.tgz (reports, logs, summaries; no weights), written after
+# every step so that a time-out keeps what finished (the device returns at most 8 files).
 set -uo pipefail
 DATA=${DATA:-/tmp/cifar10}; RUN=${RUN:-runs/cifar10}; COPY=${COPY:-$RUN}
 EPOCHS=${EPOCHS:-8}; RT_EPOCHS=${RT_EPOCHS:-1}; RATIOS=${RATIOS:-"r031 r042"}
 R=benchmarks/cifar10; BASE=$RUN/vim_cifar10.pth
 rm=(python3 -m compressor)
 mkdir -p "$RUN" "$COPY"
+pack() { tar czf "$COPY/cifar10_results.tgz" -C "$RUN" --exclude="*.pt" --exclude="*.pth" . 2>/dev/null; }
 python3 -c "import torch; from compressor import ops; x = torch.empty(1, device='cuda');
 b = ops.resolve_backend('auto', x); print('scan backend on cuda:', b, ops._kernels.ERRORS)
 assert b == 'cuda', 'mamba-ssm kernels missing: source benchmarks/gpu_env.sh'" || exit 1
 # 1. base model
 if [ ! -f "$BASE" ]; then
-  python3 benchmarks/cifar10_train_base.py --data "$DATA" --out "$RUN" --epochs "$EPOCHS" 2>&1 | grep -v " step " | tee "$COPY/1_train_base.log"
-  cp "$BASE" "$RUN/base_summary.json" "$COPY/" 2>/dev/null
+  python3 benchmarks/cifar10_train_base.py --data "$DATA" --out "$RUN" --epochs "$EPOCHS" 2>&1 | grep -v " step " | tee "$RUN/1_train_base.log"
+  pack
 fi
 # 2. training-free merge and prune at three ratios: accuracy and GPU throughput, one profile run
 free=$(ls $R/merge-r*.toml $R/prune-r*.toml | paste -sd,)
 "${rm[@]}" profile "$BASE" --recipes "$free" --data "$DATA" --device cuda --dtype fp16 --batch-sizes 1,256 \
-  --backends eager,graph --repeats 10 --workers 8 --crop-pct 1.0 -o "$RUN/free" 2>&1 | tail -40 | tee "$COPY/2_profile_free.log"
-cp "$RUN/free/report.json" "$COPY/free_report.json"; cp "$RUN/free/report.md" "$COPY/free_report.md"
+  --backends eager,graph --repeats 10 --workers 8 --crop-pct 1.0 -o "$RUN/free" 2>&1 | tee "$RUN/2_profile_free.log" | tail -40
+pack
 # 3. merge + re-train and prune + re-train (distillation from the base model), then eval
 for r in $RATIOS; do for mode in merge prune; do
   out=$RUN/rt-$mode-$r
   "${rm[@]}" compress "$BASE" --recipe $R/$mode-$r.toml --retrain-epochs "$RT_EPOCHS" --data "$DATA" -o "$out" \
-    2>&1 | grep -v " step " | tail -20 | tee "$COPY/3_rt_$mode-$r.log"
-  "${rm[@]}" eval "$out/compressed.pt" --data "$DATA" --device cuda --workers 8 --crop-pct 1.0 2>&1 | tail -8 | tee "$COPY/4_eval_$mode-$r.log"
-  cp "$out/summary.md" "$COPY/rt_$mode-${r}_summary.md"
+    2>&1 | grep -v " step " | tee "$RUN/3_rt_$mode-$r.log" | tail -20
+  "${rm[@]}" eval "$out/compressed.pt" --data "$DATA" --device cuda --workers 8 --crop-pct 1.0 2>&1 | tee "$RUN/4_eval_$mode-$r.log" | tail -12
+  pack
 done; done

@@ -32,7 +32,8 @@ def export(
     if dynamic_batch and batch is not None:
         raise RmeetoError("choose either --batch B (a fixed batch) or --dynamic-batch, not both")
     model = load_model(ckpt, family=family.value if family else "vim", backend="auto")
-    report = export_onnx(model, onnx, opset=opset, batch=batch or 1, dynamic_batch=dynamic_batch, fp16=fp16, rtol=rtol)
+    with console.status(f"exporting {ckpt.name} (minutes for a depth-24 model) and checking it with ONNX Runtime"):
+        report = export_onnx(model, onnx, opset=opset, batch=batch or 1, dynamic_batch=dynamic_batch, fp16=fp16, rtol=rtol)
     console.print(_table(report))
 
 
