@@ -31,3 +31,4 @@ def main(argv: list[str] | None = None) -> None:
     except RmeetoError as e:  # raised outside typer's own handling
         console_err.print(f"[red]error:[/red] {e}")
         sys.exit(1)
+from . import demo as _demo  # noqa: F401

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from typing import Annotated, Optional
 
+import torch
 import typer
 from rich import box
 from rich.table import Table
@@ -73,6 +74,7 @@ def show(
     recipe: Annotated[str, typer.Argument(help="Built-in recipe name or path to a .toml recipe.")],
     model: Annotated[str, typer.Option(help="Registered model name (rmeeto info lists them).")] = "vim_small",
     img_size: Annotated[Optional[int], typer.Option(help="Input resolution (default: the model's).")] = None,
+    graph: Annotated[bool, typer.Option("--graph", help="Also print the converted torch.fx graph (the code it runs).")] = False,
 ):
     """Per-layer token schedule, reduction ratio and FLOPs (baseline vs recipe) of RECIPE on MODEL."""
     r = load_recipe(recipe)
@@ -113,3 +115,10 @@ def show(
     if min(ours["tokens_paper"]) <= 0:
         note += "; here it removes more tokens than exist, so its numbers are nominal"
     console.print(f"[dim]{note}[/dim]", highlight=False)
+    if graph:
+        from ..convert import convert
+        from ..models.vim import VisionMamba
+
+        with torch.device("meta"):  # shapes only: no weights are allocated
+            gm = convert(VisionMamba(cfg), r)
+        console.print(gm.code.strip(), highlight=False, markup=False, soft_wrap=True)

@@ -138,7 +138,7 @@ class VisionMamba(nn.Module):
         self.patch_embed = PatchEmbed(cfg)
         self.head = nn.Linear(d, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         # official schedule: layer i gets rate·(i−1)/(depth−1) for i ≥ 1, layer 0 none; final add gets rate
-        dpr = [0.0] + torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        dpr = [0.0] + [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.layers = nn.ModuleList(Block(cfg, dpr[i]) for i in range(cfg.depth))
         self.norm_f = RMSNorm(d, cfg.norm_eps)
         self.drop_path = DropPath(cfg.drop_path_rate) if cfg.drop_path_rate > 0 else nn.Identity()
