@@ -4,6 +4,9 @@ __version__ = "0.1.0"
 
 from .errors import RmeetoError  # noqa: E402
 from .models import VimConfig, VisionMamba, create_model, list_models, load_model, set_backend  # noqa: E402
+from .recipes import Recipe, load_recipe  # noqa: E402
+from .convert import convert, save_compressed  # noqa: E402  (the function shadows the module name)
+from .export import export_onnx  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -14,4 +17,9 @@ __all__ = [
     "list_models",
     "load_model",
     "set_backend",
+    "Recipe",
+    "load_recipe",
+    "convert",
+    "save_compressed",
+    "export_onnx",
 ]

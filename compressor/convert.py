@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import os
 
-import torch
 import torch.fx as fx
 
 from ._io import atomic_torch_save

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 import compressor.ops as ops
 from compressor.errors import BackendUnavailable
 from compressor.models import create_model, set_backend
-from compressor.models.vim import Block, RMSNorm, TokenReadout
 from compressor.ops import (
     add_rms_norm,
     causal_conv1d,
@@ -472,20 +471,12 @@ def test_model_trains_with_drop_path_on_cpu(backend):
 # --------------------------------------------------------------------------- torch.fx
 
 
-class _TestLeafTracer(torch.fx.Tracer):
-    """Stand-in for the library tracer (to be replaced by compressor.fx's): Block, RMSNorm and
-    TokenReadout stay opaque call_module nodes."""
-
-    LEAVES = (Block, RMSNorm, TokenReadout)
-
-    def is_leaf_module(self, m, qualname):
-        return isinstance(m, self.LEAVES) or super().is_leaf_module(m, qualname)
-
-
 def test_fx_trace_with_leaf_blocks_reproduces_eager_exactly():
     torch.manual_seed(16)
     model = lively(create_model("vim_test").eval())
-    graph = _TestLeafTracer().trace(model)
+    from compressor.fx import VimTracer
+
+    graph = VimTracer().trace(model)
     gm = torch.fx.GraphModule(model, graph)
     graph.lint()
     called = [n.target for n in graph.nodes if n.op == "call_module"]
