@@ -33,7 +33,7 @@ def demo(
         Optional[Path], typer.Option(help="ImageFolder dataset (train/ + val/, 10 classes) instead of the generated one.")
     ] = None,
     size: Annotated[Size, typer.Option(help="small: vim_demo (~2-3 min on 2 cores); tiny: vim_test (< 1 min).")] = Size.small,
-    epochs: Annotated[Optional[int], typer.Option(help="Base-training epochs (default: 6 small, 4 tiny).", min=1)] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Base-training epochs (default: 8).", min=1)] = None,
 ):
     """Try R-MeeTo end to end on the CPU, no files needed: train a tiny Vision Mamba on generated
     images, merge tokens (recipe smoke) and re-train 1 epoch, export to ONNX, profile both."""
