@@ -44,14 +44,7 @@ def _one_line_error(fn, *args, **kw) -> str:
     return msg
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The reference scan is thousands of tiny ops: one thread is faster than several, and far
-    faster on a busy CPU (measured 1.3 s vs 7-22 s for two images with 2 threads under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

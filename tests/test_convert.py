@@ -22,13 +22,7 @@ R031_TOKENS = [197, 186, 175, 164, 153, 142, 131, 120, 109, 98, 87, 76]
 R031_CLS = [98, 92, 86, 80, 74, 68, 62, 56, 50, 44, 39, 34]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread beats two threads fighting over a shared CPU (10x here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def merge_nodes(gm) -> list:

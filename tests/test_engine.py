@@ -35,12 +35,7 @@ FILES = {"compressed.pt", "best.pt", "checkpoint.pt", "log.jsonl", "summary.md"}
 RUN = dict(batch_size=16, lr=1e-2, log_every=100)  # 5 steps per epoch; lr high enough to move weights
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_image_folder(root: Path, classes: int = 10, train: int = 8, val: int = 4, val_name: str = "val") -> Path:

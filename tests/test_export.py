@@ -31,13 +31,7 @@ VIM_REF = FIXTURES / "vim_official_depth8.pt"
 MAX_NODES_VIM_TEST = 1000
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The PyTorch reference runs the sequential scan (tiny ops): one thread is fastest on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(name: str = "vim_test", **overrides) -> VisionMamba:

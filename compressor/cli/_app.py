@@ -35,18 +35,24 @@ def _root(
     """R-MeeTo for Vision Mamba."""
 
 
+def user_errors(fn):
+    """Wrap a command: RmeetoError → one red line on stderr and exit code 1 (no traceback)."""
+
+    @functools.wraps(fn)
+    def run(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except RmeetoError as e:
+            console_err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return run
+
+
 def command(*args, **kwargs):
     """``@command()``: register a typer command whose RmeetoError becomes one red line + exit 1."""
 
     def wrap(fn):
-        @functools.wraps(fn)
-        def run(*a, **kw):
-            try:
-                return fn(*a, **kw)
-            except RmeetoError as e:
-                console_err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-                raise typer.Exit(1) from None
-
-        return app.command(*args, **kwargs)(run)
+        return app.command(*args, **kwargs)(user_errors(fn))
 
     return wrap

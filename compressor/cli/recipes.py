@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Annotated, Optional
 
 import torch
@@ -10,12 +9,11 @@ import typer
 from rich import box
 from rich.table import Table
 
-from ..errors import RmeetoError
 from ..merge.schedule import cls_per_layer, merge_schedule, reduction_ratio
 from ..models.registry import get_config
 from ..profile import count_flops, paper_reduction_ratio
 from ..recipes import Recipe, list_recipes, load_recipe
-from ._app import app, console, console_err
+from ._app import app, console, user_errors
 
 recipes_app = typer.Typer(
     help="Built-in re-training recipes: list them, or show one's token schedule and FLOPs.",
@@ -25,22 +23,8 @@ recipes_app = typer.Typer(
 app.add_typer(recipes_app, name="recipes")
 
 
-def _user_errors(fn):
-    """RmeetoError (RecipeError included) → one red line on stderr, exit code 1."""
-
-    @functools.wraps(fn)
-    def run(*a, **kw):
-        try:
-            return fn(*a, **kw)
-        except RmeetoError as e:
-            console_err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
-
-    return run
-
-
 @recipes_app.callback()
-@_user_errors
+@user_errors
 def recipes(ctx: typer.Context):
     """List the built-in recipes (``rmeeto recipes show NAME`` for one in detail)."""
     if ctx.invoked_subcommand is not None:
@@ -69,7 +53,7 @@ def _merge_summary(r: Recipe) -> str:
 
 
 @recipes_app.command("show")
-@_user_errors
+@user_errors
 def show(
     recipe: Annotated[str, typer.Argument(help="Built-in recipe name or path to a .toml recipe.")],
     model: Annotated[str, typer.Option(help="Registered model name (rmeeto info lists them).")] = "vim_small",
