@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compressor import ops  # noqa: E402
 from compressor._io import atomic_write_text  # noqa: E402
+from compressor.merge import set_merge_impl  # noqa: E402
 from compressor.models import set_backend  # noqa: E402
 from compressor.profile import ProfileSettings, load_targets, profile_models  # noqa: E402
 from compressor.profile.run import DTYPES  # noqa: E402
@@ -47,6 +48,7 @@ def _args(argv=None):
     p.add_argument("--dtype", default=None, help="fp16 on cuda, fp32 on cpu by default")
     p.add_argument("--backends", default="eager,graph")
     p.add_argument("--ops", default="auto", help="op backend: auto = mamba-ssm/causal-conv1d kernels when present")
+    p.add_argument("--merge-impl", default="auto", help="auto (Triton merge on CUDA), torch (reference), triton")
     p.add_argument("--warmup", type=int, default=None, help="5 on cuda, 1 on cpu by default")
     p.add_argument("--repeats", type=int, default=None, help="30 on cuda, 3 on cpu by default")
     p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/profile_gpu_<card>.json)")
@@ -84,7 +86,7 @@ def _rows(report: dict) -> list[dict]:
         for r in e["timings"]:
             o = sliced.get((r["backend"], r["batch_size"]), {})
             out.append({
-                "model": report["model_name"], "recipe": e["recipe"], "batch": r["batch_size"], "mode": r["backend"],
+                "model": report["model_name"], "merge_impl": report["settings"]["merge_impl_used"], "recipe": e["recipe"], "batch": r["batch_size"], "mode": r["backend"],
                 "status": r["status"], "images_per_s": r["throughput"], "ms": r["latency_ms_median"],
                 "speedup": r["speedup"], "merge_overhead": o.get("overhead_fraction"),
                 "sliced_speedup": o.get("sliced_speedup"), "gflops": e["flops"]["gflops"],
@@ -117,6 +119,7 @@ def main(argv=None) -> int:
         device=a.device, batch_sizes=tuple(int(b) for b in a.batch_sizes.split(",")), dtype=a.dtype,
         backends=tuple(a.backends.split(",")), warmup=a.warmup if a.warmup is not None else (5 if cuda else 1),
         repeats=a.repeats if a.repeats is not None else (30 if cuda else 3), ops=a.ops, overhead=("sliced",),
+        merge_impl=a.merge_impl,
     ).resolved()
     recipes = [r for r in a.recipes.split(",") if r != "none"]
     console = Console()
@@ -127,6 +130,7 @@ def main(argv=None) -> int:
         targets = load_targets(model=name, recipes=recipes)
         for t in targets[1:]:  # correct first: the graph replay must compute what eager computes
             m = set_backend(t.module.eval(), settings.ops).to(device=settings.device, dtype=DTYPES[settings.dtype])
+            set_merge_impl(m, settings.merge_impl)
             x = torch.randn(2, m.cfg.in_chans, m.cfg.img_size, m.cfg.img_size, device=settings.device, dtype=DTYPES[settings.dtype])
             checks[f"{name}/{t.name}"] = graph_matches_eager(m, x)
             m.to("cpu")
@@ -136,7 +140,8 @@ def main(argv=None) -> int:
         rows += _rows(report)
         out = _write(a.out, reports, rows, checks, time.perf_counter() - t0)  # after each model: a timeout keeps the rest
     hw = reports[0]["hardware"]
-    console.print(_table(rows, f"{hw['device_name']} · {settings.dtype} · ops {reports[0]['settings']['op_backend']}"))
+    st = reports[0]["settings"]
+    console.print(_table(rows, f"{hw['device_name']} · {settings.dtype} · ops {st['op_backend']} · merges {st['merge_impl_used']}"))
     console.print("ms = median per batch; merge = (t_merged - t_sliced) / t_merged; ideal = speed-up vs none "
                   "with every merge replaced by zero-cost slicing", highlight=False)
     for note in {n for r in reports for n in r["notes"]}:

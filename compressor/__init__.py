@@ -7,6 +7,8 @@ from .models import VimConfig, VisionMamba, create_model, list_models, load_mode
 from .recipes import Recipe, load_recipe  # noqa: E402
 from .convert import convert, save_compressed  # noqa: E402  (the function shadows the module name)
 from .export import export_onnx  # noqa: E402
+from .inference import optimize_for_inference  # noqa: E402
+from .merge import set_merge_impl  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -22,4 +24,6 @@ __all__ = [
     "convert",
     "save_compressed",
     "export_onnx",
+    "optimize_for_inference",
+    "set_merge_impl",
 ]

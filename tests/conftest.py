@@ -1,7 +1,18 @@
-"""Shared test fixtures."""
+"""Shared test fixtures.
 
-import pytest
+On a machine without CUDA, Triton's kernels (the fast merge, :mod:`compressor.merge.fast`) run
+through Triton's CPU interpreter, so that the same kernel code is tested in CI. The switch must be
+set before Triton is first imported (timm imports it), hence here, before anything else.
+"""
+
+import os
+
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import ops
+from ..merge import MERGE_IMPLS
 from ..errors import RmeetoError
 from ..profile.report import to_table
 from ..profile.run import ProfileSettings, run_profile
@@ -33,6 +34,7 @@ class DType(str, Enum):
 
 
 OpBackend = Enum("OpBackend", {b: b for b in ops.BACKENDS}, type=str)
+MergeImpl = Enum("MergeImpl", {b: b for b in MERGE_IMPLS}, type=str)
 
 
 def _csv(option: str, text: str | None) -> list[str]:
@@ -62,6 +64,7 @@ def profile(
     dtype: Annotated[Optional[DType], typer.Option(help="Precision (default: fp16 on cuda, fp32 on cpu).", show_default=False)] = None,
     backends: Annotated[str, typer.Option(help="Comma-separated: eager, graph (one CUDA graph), compile (torch.compile), onnxruntime (CPU).")] = "eager,graph",
     ops_backend: Annotated[OpBackend, typer.Option("--ops", help="Op backend of the scan / conv / norm.")] = OpBackend("auto"),
+    merge_impl: Annotated[MergeImpl, typer.Option(help="How merges run: auto (Triton kernels on CUDA), torch (reference), triton.")] = MergeImpl("auto"),
     warmup: Annotated[int, typer.Option(help="Untimed calls before timing.")] = 5,
     repeats: Annotated[int, typer.Option(help="Timed calls per model, backend and batch size.")] = 30,
     overhead: Annotated[str, typer.Option(help="Merge-overhead methods: sliced, hooks (comma-separated; 'none' for neither).")] = "sliced,hooks",
@@ -83,6 +86,7 @@ def profile(
         eval_batch_size=eval_batch_size,
         crop_pct=crop_pct,
         eval_workers=workers,
+        merge_impl=merge_impl.value,
     )
     with console.status("profiling") as status:
         report = run_profile(

@@ -1,7 +1,7 @@
 """R-MeeTo's token merge: schedule arithmetic, pure matching functions, and the merge module."""
 
 from .bipartite import match, merge_source, merge_wavg, patch_slots
-from .module import TokenMerge
+from .module import MERGE_IMPLS, TokenMerge, set_merge_impl
 from .schedule import (
     MergeConfig,
     MergeStep,
@@ -13,6 +13,7 @@ from .schedule import (
 )
 
 __all__ = [
+    "MERGE_IMPLS",
     "MergeConfig",
     "MergeStep",
     "TokenMerge",
@@ -24,5 +25,6 @@ __all__ = [
     "merge_wavg",
     "patch_slots",
     "reduction_ratio",
+    "set_merge_impl",
     "tokens_per_layer",
 ]

@@ -6,8 +6,14 @@ import torch
 import torch.nn as nn
 
 from ..errors import ShapeError
-from .bipartite import match, merge_wavg
+from . import fast
+from .bipartite import match
 from .schedule import MergeConfig, MergeStep
+
+#: How a merge runs: ``torch`` (the reference: pure PyTorch, autograd, any device, exportable),
+#: ``triton`` (:mod:`compressor.merge.fast`: three kernels, inference only), ``auto`` (triton
+#: on CUDA when it applies: no gradient needed, not inside torch.compile or export; else torch).
+MERGE_IMPLS = ("auto", "torch", "triton")
 
 
 class TokenMerge(nn.Module):
@@ -27,21 +33,41 @@ class TokenMerge(nn.Module):
         self.prune = cfg.mode == "prune"
         self.ordered = cfg.ordered
         self.distance = cfg.distance
+        self.impl = "auto"
 
     def extra_repr(self) -> str:
         mode = "prune" if self.prune else "merge"
         return (f"{mode}, tokens {self.tokens_in}->{self.tokens_in - self.r}, cls {self.cls_in}->{self.cls_out}, "
                 f"ordered={self.ordered}, distance={self.distance}")
 
-    def match(self, hidden: torch.Tensor):
+    def _check(self, hidden: torch.Tensor) -> None:
         if hidden.shape[1] != self.tokens_in:
             raise ShapeError(
                 f"merge before layer {self.step.layer} expects {self.tokens_in} tokens but got {hidden.shape[1]}: "
                 "the model was converted for another input size; re-convert it for this image size"
             )
+
+    def match(self, hidden: torch.Tensor):
+        self._check(hidden)
         return match(hidden, self.r, self.cls_in, self.cls_out, ordered=self.ordered, prune=self.prune, distance=self.distance)
 
+    def _use_fast(self, hidden: torch.Tensor, residual: torch.Tensor) -> bool:
+        if self.impl == "torch":
+            return False
+        ok = fast.available() and fast.supports(ordered=self.ordered, distance=self.distance, tokens=hidden.shape[1],
+                                                width=hidden.shape[-1])
+        if self.impl == "triton":
+            if not ok:
+                raise ValueError(f"the triton merge does not support this merge ({self.extra_repr()}, width "
+                                 f"{hidden.shape[-1]}): use impl 'torch' or 'auto'")
+            return True
+        needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or residual.requires_grad)
+        return ok and hidden.is_cuda and not needs_grad and not torch.compiler.is_compiling()
+
     def forward(self, hidden, residual, size=None):
+        self._check(hidden)
+        if self._use_fast(hidden, residual):
+            return fast.fast_merge(hidden, residual, size, self.r, self.cls_in, self.cls_out, prune=self.prune)
         merge = self.match(hidden)
         if size is None:
             size = hidden.new_ones(hidden.shape[0], hidden.shape[1], 1, dtype=torch.float32)
@@ -53,3 +79,14 @@ class TokenMerge(nn.Module):
         hidden_new = (merged[..., :d] / new_size).to(hidden.dtype)
         residual_new = (merged[..., d : 2 * d] / new_size).to(residual.dtype)
         return hidden_new, residual_new, new_size
+
+
+def set_merge_impl(model: nn.Module, impl: str) -> int:
+    """Make every :class:`TokenMerge` in ``model`` run with ``impl`` (see :data:`MERGE_IMPLS`);
+    returns how many merges were set."""
+    if impl not in MERGE_IMPLS:
+        raise ValueError(f"unknown merge implementation {impl!r}: choose from {', '.join(MERGE_IMPLS)}")
+    merges = [m for m in model.modules() if isinstance(m, TokenMerge)]
+    for m in merges:
+        m.impl = impl
+    return len(merges)

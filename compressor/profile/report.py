@@ -62,7 +62,7 @@ def to_table(report: dict) -> Table:
     drop = {_SUMMARY_HEADER.index("GFLOPs")}
     drop |= {i for i in range(3, len(_SUMMARY_HEADER)) if all(r[i] == "-" for r in rows)}
     keep = [i for i in range(len(_SUMMARY_HEADER)) if i not in drop]
-    table = Table(title=f"{hw['device_name']} · {st['dtype']} · ops {st['op_backend']}")
+    table = Table(title=f"{hw['device_name']} · {st['dtype']} · ops {st['op_backend']} · merges {st.get('merge_impl_used', 'torch')}")
     for i in keep:
         table.add_column(_SHORT_HEADER[i], justify="left" if i < 2 else "right", no_wrap=i < 2)
     for row in rows:
@@ -113,7 +113,7 @@ def to_markdown(report: dict, plots: dict[str, str] | None = None) -> str:
     lines = [
         "# rmeeto profile", "",
         f"Measured on **{hw['device_name']}** ({hw['cpu_count']} CPUs, torch {hw['torch']}, CUDA {hw['cuda'] or '-'}), "
-        f"{st['dtype']}, op backend `{st['op_backend']}`, {report['created']}. Baseline: `{report['baseline']}`; "
+        f"{st['dtype']}, op backend `{st['op_backend']}`, merges `{st.get('merge_impl_used', 'torch')}`, {report['created']}. Baseline: `{report['baseline']}`; "
         f"speed-up = throughput / the baseline's, same backend and batch size, measured in the same run.", "",
         f"Batch sizes {st['batch_sizes']}, backends {st['backends']}, warm-up {st['warmup']}, repeats {st['repeats']}.", "",
     ]

@@ -21,6 +21,8 @@ import torch.fx as fx
 from .. import __version__, ops
 from ..convert import convert
 from ..errors import RmeetoError
+from ..merge import MERGE_IMPLS, set_merge_impl
+from ..merge import fast as fast_merge
 from ..merge.schedule import reduction_ratio
 from ..models import VisionMamba, create_model, load_model, set_backend
 from .flops import count_flops
@@ -55,7 +57,8 @@ METHODS = {
 class ProfileSettings:
     """How to measure. ``device="auto"``: CUDA when available. ``dtype=None``: fp16 on CUDA, fp32
     on the CPU. ``ops``: the op backend of :mod:`compressor.ops` (``auto`` = kernels when present).
-    ``overhead``: merge-overhead methods (``sliced``, ``hooks``)."""
+    ``overhead``: merge-overhead methods (``sliced``, ``hooks``). ``merge_impl``: how merges run
+    (:data:`compressor.merge.MERGE_IMPLS`; ``auto`` = the Triton kernels on CUDA)."""
 
     device: str = "auto"
     batch_sizes: tuple[int, ...] = (1, 8, 64, 128)
@@ -69,6 +72,7 @@ class ProfileSettings:
     eval_batch_size: int = 64
     crop_pct: float | None = None  # eval center-crop fraction; None: each model's recipe (0.875 default)
     eval_workers: int = 4
+    merge_impl: str = "auto"
 
     def resolved(self) -> "ProfileSettings":
         """Validated copy with ``device`` and ``dtype`` made concrete."""
@@ -93,6 +97,10 @@ class ProfileSettings:
         if self.ops not in ops.BACKENDS:
             raise RmeetoError(f"unknown op backend {self.ops!r}: choose one of {', '.join(ops.BACKENDS)}")
         ops.resolve_backend(self.ops, torch.empty(0, device=device))  # an explicit 'cuda' must be usable
+        if self.merge_impl not in MERGE_IMPLS:
+            raise RmeetoError(f"unknown merge implementation {self.merge_impl!r}: choose one of {', '.join(MERGE_IMPLS)}")
+        if self.merge_impl == "triton" and not (fast_merge.available() and (device == "cuda" or fast_merge.interpreting())):
+            raise RmeetoError("the triton merge needs CUDA and Triton: profile with --merge-impl auto or torch")
         return replace(self, device=device, dtype=dtype, batch_sizes=tuple(dict.fromkeys(self.batch_sizes)),
                        backends=tuple(dict.fromkeys(self.backends)))
 
@@ -345,6 +353,7 @@ def _accuracy(gm: fx.GraphModule, data, s: ProfileSettings) -> dict:
 def _profile_one(t: ProfileTarget, s: ProfileSettings, data) -> dict:
     entry = _static_info(t)
     gm = set_backend(t.module.eval(), s.ops).to(device=s.device)
+    set_merge_impl(gm, s.merge_impl)
     try:
         if data is not None:  # before the cast: accuracy is measured in fp32
             entry["accuracy"] = _accuracy(gm, data, s)
@@ -357,6 +366,13 @@ def _profile_one(t: ProfileTarget, s: ProfileSettings, data) -> dict:
         if s.device == "cuda":
             torch.cuda.empty_cache()
     return entry
+
+
+def _merge_impl_used(s: ProfileSettings) -> str:
+    """What ``auto`` means for inference timing here (TokenMerge._use_fast, without gradients)."""
+    if s.merge_impl != "auto":
+        return s.merge_impl
+    return "triton" if s.device == "cuda" and fast_merge.available() else "torch"
 
 
 def _collect_notes(entries: list[dict]) -> list[str]:
@@ -393,6 +409,7 @@ def profile_models(targets: list[ProfileTarget], settings: ProfileSettings | Non
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "hardware": hardware_info(s.device),
         "settings": asdict(s) | {"op_backend": ops.resolve_backend(s.ops, torch.empty(0, device=s.device)),
+                                 "merge_impl_used": _merge_impl_used(s),
                                  "data": str(data) if data is not None else None},
         "methods": METHODS,
         "baseline": entries[0]["name"],

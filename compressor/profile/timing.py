@@ -61,33 +61,20 @@ def _eager(model: nn.Module, x: torch.Tensor) -> Runner:
 
 
 def _graph(model: nn.Module, x: torch.Tensor) -> Runner:
-    """The whole forward captured in one CUDA graph with a static input buffer; replay only.
-    Token counts are fixed by the recipe and the image size, so the shapes are static."""
+    """The whole forward captured in one CUDA graph with a static input buffer; replay only
+    (:class:`compressor.inference.GraphedModel`). Token counts are fixed by the recipe and the
+    image size, so the shapes are static."""
+    from ..inference import GraphedModel
+
     if x.device.type != "cuda":
         raise Unavailable("CUDA graphs need a CUDA device")
-    static_in = x.clone()
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm up on a side stream (lazy inits, autotuning)
-            for _ in range(3):
-                model(static_in)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = model(static_in)
-        torch.cuda.synchronize()
-    except Exception as e:  # noqa: BLE001 -- any capture failure falls back to eager, with the reason
-        torch.cuda.synchronize()
+    graphed = GraphedModel(model, clone_output=False)
+    replay = graphed.replayer(x)
+    if not graphed.graphed_shapes or graphed.note:
         runner = _eager(model, x)
-        runner.status, runner.note = "fallback", f"CUDA graph capture failed ({_short(e)}); timed eager instead"
+        runner.status, runner.note = "fallback", f"{graphed.note}; timed eager instead"
         return runner
-
-    def replay():
-        graph.replay()
-        return static_out
-
-    return Runner(replay, device="cuda", cleanup=graph.reset)
+    return Runner(replay, device="cuda", cleanup=graphed.reset)
 
 
 def _compile(model: nn.Module, x: torch.Tensor) -> Runner:
