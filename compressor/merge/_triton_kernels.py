@@ -10,70 +10,68 @@ import triton.language as tl
 
 
 def score_kernel(metric_ptr, best_ptr, best_idx_ptr, stride_b, stride_l, n_src, n_dst, cls_in, D,
-                  HAS_CLS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
-                  BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """best[b, i], best_idx[b, i]: the highest cosine of source i over all destinations, and which."""
+                 HAS_CLS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+                 BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """One (source tile, destination tile) block of the cosine scores, reduced over its
+    destinations: best[b, t, i] and best_idx[b, t, i] for destination tile t = program_id(2).
+    Splitting the destinations over programs keeps batch-1 latency low (more programs, one pass)."""
     pid_b = tl.program_id(0)
+    tile_j = tl.program_id(2)
     i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    j = tile_j * BLOCK_J + tl.arange(0, BLOCK_J)
     i_ok = i < n_src
-    pa = 2 * i
+    j_ok = j < n_dst
+    pa = 2 * i  # sources: even patches; destinations: odd patches; positions skip the class token
+    pb = 2 * j + 1
     if HAS_CLS:
         pa += (pa >= cls_in).to(tl.int32)
+        pb += (pb >= cls_in).to(tl.int32)
     base = metric_ptr + pid_b.to(tl.int64) * stride_b
     dd = tl.arange(0, BLOCK_D)
+    dot = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
     sq_a = tl.zeros([BLOCK_I], dtype=tl.float32)
+    sq_b = tl.zeros([BLOCK_J], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        a = tl.load(base + pa[:, None] * stride_l + (d0 + dd)[None, :],
-                    mask=i_ok[:, None] & ((d0 + dd) < D)[None, :], other=0.0).to(tl.float32)
-        sq_a += tl.sum(a * a, axis=1)
-    norm_a = tl.sqrt(sq_a)
-    best = tl.full([BLOCK_I], float("-inf"), dtype=tl.float32)
-    best_idx = tl.zeros([BLOCK_I], dtype=tl.int32)
-    for j0 in range(0, n_dst, BLOCK_J):
-        j = j0 + tl.arange(0, BLOCK_J)
-        j_ok = j < n_dst
-        pb = 2 * j + 1
-        if HAS_CLS:
-            pb += (pb >= cls_in).to(tl.int32)
-        dot = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
-        sq_b = tl.zeros([BLOCK_J], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            d_ok = (d0 + dd) < D
-            a = tl.load(base + pa[:, None] * stride_l + (d0 + dd)[None, :], mask=i_ok[:, None] & d_ok[None, :], other=0.0)
-            bt = tl.load(base + pb[:, None] * stride_l + (d0 + dd)[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)
-            if UPCAST:  # the CPU interpreter's dot mishandles bf16
-                a = a.to(tl.float32)
-                bt = bt.to(tl.float32)
-            dot = tl.dot(a, tl.trans(bt), dot, input_precision=PRECISION)  # fp16/bf16 products are exact in fp32
-            bf = bt.to(tl.float32)
-            sq_b += tl.sum(bf * bf, axis=1)
-        ok = i_ok[:, None] & j_ok[None, :]
-        score = dot / tl.where(ok, norm_a[:, None] * tl.sqrt(sq_b)[None, :], 1.0)
-        score = tl.where(ok, score, float("-inf"))  # padding never wins
-        tile_best = tl.max(score, axis=1)
-        tile_idx = tl.argmax(score, axis=1).to(tl.int32) + j0
-        better = tile_best > best  # strict: an earlier destination wins a tie
-        best = tl.where(better, tile_best, best)
-        best_idx = tl.where(better, tile_idx, best_idx)
-    out = pid_b.to(tl.int64) * n_src + i
+        d_ok = (d0 + dd) < D
+        a = tl.load(base + pa[:, None] * stride_l + (d0 + dd)[None, :], mask=i_ok[:, None] & d_ok[None, :], other=0.0)
+        bt = tl.load(base + pb[:, None] * stride_l + (d0 + dd)[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)
+        af = a.to(tl.float32)
+        bf = bt.to(tl.float32)
+        sq_a += tl.sum(af * af, axis=1)
+        sq_b += tl.sum(bf * bf, axis=1)
+        if UPCAST:  # the CPU interpreter's dot mishandles bf16
+            a = af
+            bt = bf
+        dot = tl.dot(a, tl.trans(bt), dot, input_precision=PRECISION)  # fp16/bf16 products are exact in fp32
+    ok = i_ok[:, None] & j_ok[None, :]
+    score = dot / tl.where(ok, tl.sqrt(sq_a)[:, None] * tl.sqrt(sq_b)[None, :], 1.0)
+    score = tl.where(ok, score, float("-inf"))  # padding never wins
+    best = tl.max(score, axis=1)
+    best_idx = tl.argmax(score, axis=1).to(tl.int32) + tile_j * BLOCK_J  # ties: the lower destination
+    out = (pid_b.to(tl.int64) * tl.num_programs(2) + tile_j) * n_src + i
     tl.store(best_ptr + out, best, mask=i_ok)
     tl.store(best_idx_ptr + out, best_idx, mask=i_ok)
 
 
-def slot_kernel(best_ptr, best_idx_ptr, slot_ptr, perm_ptr, offs_ptr, L, n_src, n_dst, r, cls_in, cls_out, out_len,
+def slot_kernel(best_ptr, best_idx_ptr, slot_ptr, perm_ptr, offs_ptr, L, n_src, n_dst, n_tiles, r, cls_in, cls_out, out_len,
                  HAS_CLS: tl.constexpr, PRUNE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
                  BLOCK_L: tl.constexpr, BLOCK_O: tl.constexpr):
     """slot[b, p] for every position p; perm[b]: positions sorted by slot; offs[b, o]: where
     output o's members start in perm (``offs[o + 1] - offs[o]`` members)."""
     pid_b = tl.program_id(0).to(tl.int64)
+    rows = best_ptr + pid_b * n_tiles * n_src  # (n_tiles, n_src): per destination tile
     i = tl.arange(0, BLOCK_S)
     i_ok = i < n_src
-    v = tl.load(best_ptr + pid_b * n_src + i, mask=i_ok, other=float("-inf"))
+    v = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
+    for t in range(0, n_tiles):
+        v = tl.maximum(v, tl.load(rows + t * n_src + i, mask=i_ok, other=float("-inf")))
     # rank of each source by descending best score; equal scores: lower index first
     rank = tl.zeros([BLOCK_S], dtype=tl.int32)
     for k0 in range(0, n_src, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        vk = tl.load(best_ptr + pid_b * n_src + k, mask=k < n_src, other=float("-inf"))
+        vk = tl.full([BLOCK_K], float("-inf"), dtype=tl.float32)
+        for t in range(0, n_tiles):
+            vk = tl.maximum(vk, tl.load(rows + t * n_src + k, mask=k < n_src, other=float("-inf")))
         ahead = (vk[None, :] > v[:, None]) | ((vk[None, :] == v[:, None]) & (k[None, :] < i[:, None]))
         rank += tl.sum((ahead & (k < n_src)[None, :]).to(tl.int32), axis=1)
     removed = (rank < r) & i_ok
@@ -97,7 +95,13 @@ def slot_kernel(best_ptr, best_idx_ptr, slot_ptr, perm_ptr, offs_ptr, L, n_src, 
     if PRUNE:
         gone = tl.zeros([BLOCK_S], dtype=tl.int32) + out_len  # the bin past the end: dropped
     else:
-        target = 2 * tl.load(best_idx_ptr + pid_b * n_src + i, mask=i_ok, other=0) + 1
+        best_j = tl.zeros([BLOCK_S], dtype=tl.int32)  # from the first tile holding the best score
+        found = i < 0
+        for t in range(0, n_tiles):
+            take = (tl.load(rows + t * n_src + i, mask=i_ok, other=float("-inf")) == v) & ~found
+            best_j = tl.where(take, tl.load(best_idx_ptr + (pid_b * n_tiles + t) * n_src + i, mask=i_ok, other=0), best_j)
+            found = found | take
+        target = 2 * best_j + 1
         if HAS_CLS:
             target += (target >= cls_in).to(tl.int32)
         gone = tl.load(row + target, mask=i_ok, other=0)

@@ -5,10 +5,11 @@ The reference launches ~30 small kernels per merge (norms, matmul, max, argsort,
 scatters, casts); inside a CUDA graph at batch 1 those launches cost more than the tokens save.
 Here one merge is three launches, with no host synchronisation and no data-dependent Python:
 
-1. ``score_kernel`` (grid ``b × source tiles``): cosine similarity of every source (even patch)
-   to every destination (odd patch) on the tensor cores, reduced on the fly to each source's best
-   score and destination (the ``(n/2)²`` score matrix never reaches memory).
-2. ``slot_kernel`` (grid ``b``): ranks the sources by best score (ties: lower index first), marks
+1. ``score_kernel`` (grid ``b × source tiles × destination tiles``): cosine similarity of every
+   source (even patch) to every destination (odd patch) on the tensor cores, reduced in registers
+   to each source's best score and destination per destination tile (the ``(n/2)²`` score matrix
+   never reaches memory).
+2. ``slot_kernel`` (grid ``b``): reduces over the destination tiles, ranks the sources by best score (ties: lower index first), marks
    the ``r`` best as removed, and builds the ordered slot map with the class token folded in
    (exactly :func:`~compressor.merge.bipartite.patch_slots` followed by the re-insertion of
    :func:`~compressor.merge.bipartite.match`); then the inverse map: positions sorted by slot and
@@ -98,13 +99,15 @@ def fast_merge(hidden: torch.Tensor, residual: torch.Tensor, size: torch.Tensor 
     if size is not None:
         size = size.reshape(b, L).float().contiguous()
 
-    best = torch.empty(b, n_src, dtype=torch.float32, device=dev)
-    best_idx = torch.empty(b, n_src, dtype=torch.int32, device=dev)
+    block_i, block_j = 64, 64
+    n_tiles = triton.cdiv(n_dst, block_j) if n_dst else 1
+    best = torch.empty(b, n_tiles, n_src, dtype=torch.float32, device=dev)
+    best_idx = torch.empty(b, n_tiles, n_src, dtype=torch.int32, device=dev)
     block_d = min(64, _pow2(d))
     precision = "ieee" if hidden.dtype == torch.float32 or interpret else "tf32"
-    score_k[(b, triton.cdiv(n_src, 64))](
+    score_k[(b, triton.cdiv(n_src, block_i), n_tiles)](
         hidden, best, best_idx, hidden.stride(0), hidden.stride(1), n_src, n_dst, cls_in if has_cls else 0, d,
-        HAS_CLS=has_cls, BLOCK_I=64, BLOCK_J=64, BLOCK_D=block_d, PRECISION=precision, UPCAST=interpret,
+        HAS_CLS=has_cls, BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_D=block_d, PRECISION=precision, UPCAST=interpret,
         num_warps=4,
     )
     slot = torch.empty(b, L, dtype=torch.int32, device=dev)
@@ -112,8 +115,8 @@ def fast_merge(hidden: torch.Tensor, residual: torch.Tensor, size: torch.Tensor 
     offs = torch.empty(b, out_len + 1, dtype=torch.int32, device=dev)
     block_s = _pow2(n_src)
     slot_k[(b,)](
-        best, best_idx, slot, perm, offs, L, n_src, n_dst, r, cls_in if has_cls else 0, cls_out if has_cls else 0,
-        out_len, HAS_CLS=has_cls, PRUNE=prune, BLOCK_S=block_s, BLOCK_K=max(16, 8192 // block_s),
+        best, best_idx, slot, perm, offs, L, n_src, n_dst, n_tiles, r, cls_in if has_cls else 0, cls_out if has_cls else 0,
+        out_len, HAS_CLS=has_cls, PRUNE=prune, BLOCK_S=block_s, BLOCK_K=min(block_s, max(16, 16384 // block_s)),
         BLOCK_L=_pow2(L), BLOCK_O=_pow2(out_len + 2), num_warps=4,
     )
     hid_out = torch.empty(b, out_len, d, dtype=hidden.dtype, device=dev)
