@@ -42,6 +42,11 @@ __all__ = ["available", "interpreting", "supports", "fast_merge", "MAX_TOKENS", 
 MAX_TOKENS = 4096
 MAX_WIDTH = 4096
 
+#: Launch parameters (tile sizes, warps); ``benchmarks/tune_fast_merge.py`` measures alternatives.
+#: ``gather_warps`` 0: 4 warps up to 512 channels, 8 above.
+TUNING = {"score_block_i": 64, "score_block_j": 64, "score_block_d": 64, "score_warps": 4,
+          "slot_warps": 4, "gather_warps": 0}
+
 
 def available() -> bool:
     """Triton can be imported (kernels run on CUDA, or interpreted on the CPU)."""
@@ -99,16 +104,17 @@ def fast_merge(hidden: torch.Tensor, residual: torch.Tensor, size: torch.Tensor 
     if size is not None:
         size = size.reshape(b, L).float().contiguous()
 
-    block_i, block_j = 64, 64
+    t = TUNING
+    block_i, block_j = t["score_block_i"], t["score_block_j"]
     n_tiles = triton.cdiv(n_dst, block_j) if n_dst else 1
     best = torch.empty(b, n_tiles, n_src, dtype=torch.float32, device=dev)
     best_idx = torch.empty(b, n_tiles, n_src, dtype=torch.int32, device=dev)
-    block_d = min(64, _pow2(d))
+    block_d = min(t["score_block_d"], _pow2(d))
     precision = "ieee" if hidden.dtype == torch.float32 or interpret else "tf32"
     score_k[(b, triton.cdiv(n_src, block_i), n_tiles)](
         hidden, best, best_idx, hidden.stride(0), hidden.stride(1), n_src, n_dst, cls_in if has_cls else 0, d,
         HAS_CLS=has_cls, BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_D=block_d, PRECISION=precision, UPCAST=interpret,
-        num_warps=4,
+        num_warps=t["score_warps"],
     )
     slot = torch.empty(b, L, dtype=torch.int32, device=dev)
     perm = torch.empty(b, L, dtype=torch.int32, device=dev)
@@ -117,7 +123,7 @@ def fast_merge(hidden: torch.Tensor, residual: torch.Tensor, size: torch.Tensor 
     slot_k[(b,)](
         best, best_idx, slot, perm, offs, L, n_src, n_dst, n_tiles, r, cls_in if has_cls else 0, cls_out if has_cls else 0,
         out_len, HAS_CLS=has_cls, PRUNE=prune, BLOCK_S=block_s, BLOCK_K=min(block_s, max(16, 16384 // block_s)),
-        BLOCK_L=_pow2(L), BLOCK_O=_pow2(out_len + 2), num_warps=4,
+        BLOCK_L=_pow2(L), BLOCK_O=_pow2(out_len + 2), num_warps=t["slot_warps"],
     )
     hid_out = torch.empty(b, out_len, d, dtype=hidden.dtype, device=dev)
     res_out = torch.empty(b, out_len, d, dtype=residual.dtype, device=dev)
@@ -127,6 +133,6 @@ def fast_merge(hidden: torch.Tensor, residual: torch.Tensor, size: torch.Tensor 
         hidden, residual, size if size is not None else best, perm, offs, hid_out, res_out, size_out,
         L, out_len, d, hidden.stride(0), hidden.stride(1), residual.stride(0), residual.stride(1),
         hid_out.stride(0), hid_out.stride(1), res_out.stride(0), res_out.stride(1),
-        HAS_SIZE=size is not None, BLOCK_D=block, num_warps=4 if block <= 512 else 8,
+        HAS_SIZE=size is not None, BLOCK_D=block, num_warps=t["gather_warps"] or (4 if block <= 512 else 8),
     )
     return hid_out, res_out, size_out
