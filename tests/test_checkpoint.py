@@ -17,6 +17,7 @@ from compressor import load_model
 from compressor.cli import app
 from compressor.errors import CheckpointError
 from compressor.models import VimConfig, VisionMamba, create_model, get_config, infer_config, list_models, read_checkpoint
+from compressor.merge import fast
 from compressor.models.checkpoint import SAFE_GLOBALS, describe_checkpoint, extract_state_dict
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
@@ -302,6 +303,7 @@ def test_describe_checkpoint():
     assert d["has_ema"] and d["epoch"] == 299 and d["model_name"].startswith("vim_tiny_patch16_224")
     assert d["parameters"] == sum(p.numel() for p in VisionMamba(d["config"]).parameters())
     assert d["backend"].split()[0] in ("ref", "cuda", "chunked")
+    assert d["merge_impl"].split()[0] == ("triton" if torch.cuda.is_available() and fast.available() else "torch")
     v = describe_checkpoint(VIM_LAYOUT, family="videomamba")
     assert not v["ambiguous"] and v["cls_index"] == 0 and v["config"].divide_out is False
 

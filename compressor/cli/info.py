@@ -65,5 +65,6 @@ def _rows(d: dict) -> list[tuple[str, str]]:
         ("epoch", "-" if d["epoch"] is None else str(d["epoch"])),
         ("args.model", d["model_name"] or "-"),
         ("backend auto", d["backend"]),
+        ("merges auto", d["merge_impl"]),
     ]
     return rows

@@ -358,7 +358,8 @@ def describe_checkpoint(path, family: str | None = None, ema: bool = False) -> d
     """
     obj = read_checkpoint(path)
     info = {"path": str(path), "top_level_keys": [str(k) for k in obj], "has_ema": isinstance(obj.get("model_ema"), dict)}
-    info.update(epoch=obj.get("epoch"), model_name=_args_model(obj.get("args")), backend=_auto_backend())
+    info.update(epoch=obj.get("epoch"), model_name=_args_model(obj.get("args")), backend=_auto_backend(),
+                merge_impl=_auto_merge_impl())
     if "rmeeto_format" in obj:
         return {**info, "rmeeto_format": obj["rmeeto_format"], "family": obj.get("family", family)}
     sd, note = extract_state_dict(obj, ema=ema)
@@ -383,6 +384,17 @@ def _args_model(args) -> str | None:
     """``args.model`` of an official training checkpoint (a Namespace, sometimes a dict)."""
     value = args.get("model") if isinstance(args, dict) else getattr(args, "model", None)
     return value if isinstance(value, str) else None
+
+
+def _auto_merge_impl() -> str:
+    """What ``TokenMerge.impl='auto'`` runs for inference here."""
+    from ..merge import fast
+
+    if torch.cuda.is_available() and fast.available():
+        return "triton (3 kernels per merge) for inference on GPU, torch reference for training / CPU / export"
+    if torch.cuda.is_available():
+        return "torch reference (Triton not installed)"
+    return "torch reference (no CUDA device)"
 
 
 def _auto_backend() -> str:
