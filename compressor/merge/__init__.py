@@ -1,7 +1,7 @@
 """R-MeeTo's token merge: schedule arithmetic, pure matching functions, and the merge module."""
 
 from .bipartite import match, merge_source, merge_wavg, patch_slots
-from .module import MERGE_IMPLS, TokenMerge, set_merge_impl
+from .module import MERGE_IMPLS, TokenMerge, inference_merge_impl, set_merge_impl
 from .schedule import (
     MergeConfig,
     MergeStep,
@@ -19,6 +19,7 @@ __all__ = [
     "TokenMerge",
     "class_token_after",
     "cls_per_layer",
+    "inference_merge_impl",
     "match",
     "merge_schedule",
     "merge_source",

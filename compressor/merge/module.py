@@ -49,6 +49,9 @@ class TokenMerge(nn.Module):
 
     def match(self, hidden: torch.Tensor):
         self._check(hidden)
+        return self._plan(hidden)
+
+    def _plan(self, hidden: torch.Tensor):
         return match(hidden, self.r, self.cls_in, self.cls_out, ordered=self.ordered, prune=self.prune, distance=self.distance)
 
     def _use_fast(self, hidden: torch.Tensor, residual: torch.Tensor) -> bool:
@@ -62,13 +65,14 @@ class TokenMerge(nn.Module):
                                  f"{hidden.shape[-1]}): use impl 'torch' or 'auto'")
             return True
         needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or residual.requires_grad)
-        return ok and hidden.is_cuda and not needs_grad and not torch.compiler.is_compiling()
+        return (ok and inference_merge_impl("auto", hidden.device.type) == "triton" and not needs_grad
+                and not torch.compiler.is_compiling())
 
     def forward(self, hidden, residual, size=None):
         self._check(hidden)
         if self._use_fast(hidden, residual):
             return fast.fast_merge(hidden, residual, size, self.r, self.cls_in, self.cls_out, prune=self.prune)
-        merge = self.match(hidden)
+        merge = self._plan(hidden)
         if size is None:
             size = hidden.new_ones(hidden.shape[0], hidden.shape[1], 1, dtype=torch.float32)
         # one scatter moves hidden states, residual and sizes together (fp32 sums)
@@ -79,6 +83,14 @@ class TokenMerge(nn.Module):
         hidden_new = (merged[..., :d] / new_size).to(hidden.dtype)
         residual_new = (merged[..., d : 2 * d] / new_size).to(residual.dtype)
         return hidden_new, residual_new, new_size
+
+
+def inference_merge_impl(impl: str, device_type: str) -> str:
+    """The merge that runs for inference (no gradients) on ``device_type`` under ``impl``:
+    ``auto`` is ``triton`` on CUDA when Triton is installed, else ``torch``."""
+    if impl != "auto":
+        return impl
+    return "triton" if device_type == "cuda" and fast.available() else "torch"
 
 
 def set_merge_impl(model: nn.Module, impl: str) -> int:

@@ -388,13 +388,13 @@ def _args_model(args) -> str | None:
 
 def _auto_merge_impl() -> str:
     """What ``TokenMerge.impl='auto'`` runs for inference here."""
-    from ..merge import fast
+    from ..merge import inference_merge_impl
 
-    if torch.cuda.is_available() and fast.available():
+    if not torch.cuda.is_available():
+        return "torch reference (no CUDA device)"
+    if inference_merge_impl("auto", "cuda") == "triton":
         return "triton (3 kernels per merge) for inference on GPU, torch reference for training / CPU / export"
-    if torch.cuda.is_available():
-        return "torch reference (Triton not installed)"
-    return "torch reference (no CUDA device)"
+    return "torch reference (Triton not installed)"
 
 
 def _auto_backend() -> str:

@@ -21,7 +21,7 @@ import torch.fx as fx
 from .. import __version__, ops
 from ..convert import convert
 from ..errors import RmeetoError
-from ..merge import MERGE_IMPLS, set_merge_impl
+from ..merge import MERGE_IMPLS, inference_merge_impl, set_merge_impl
 from ..merge import fast as fast_merge
 from ..merge.schedule import reduction_ratio
 from ..models import VisionMamba, create_model, load_model, set_backend
@@ -368,13 +368,6 @@ def _profile_one(t: ProfileTarget, s: ProfileSettings, data) -> dict:
     return entry
 
 
-def _merge_impl_used(s: ProfileSettings) -> str:
-    """What ``auto`` means for inference timing here (TokenMerge._use_fast, without gradients)."""
-    if s.merge_impl != "auto":
-        return s.merge_impl
-    return "triton" if s.device == "cuda" and fast_merge.available() else "torch"
-
-
 def _collect_notes(entries: list[dict]) -> list[str]:
     """One note per (backend, status, reason), naming the models it concerns unless it is all."""
     found: dict[tuple, list[str]] = {}
@@ -409,7 +402,7 @@ def profile_models(targets: list[ProfileTarget], settings: ProfileSettings | Non
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "hardware": hardware_info(s.device),
         "settings": asdict(s) | {"op_backend": ops.resolve_backend(s.ops, torch.empty(0, device=s.device)),
-                                 "merge_impl_used": _merge_impl_used(s),
+                                 "merge_impl_used": inference_merge_impl(s.merge_impl, s.device),
                                  "data": str(data) if data is not None else None},
         "methods": METHODS,
         "baseline": entries[0]["name"],
