@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from compressor.cli import app
 from compressor.models import create_model
+from helpers import make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", ROOT / "docs" / "cli.md"]
@@ -31,14 +32,8 @@ def workdir(tmp_path, monkeypatch):
     model = create_model("vim_test")
     ns = argparse.Namespace(model="vim_test", nb_classes=10)
     torch.save({"model": model.state_dict(), "args": ns}, tmp_path / "vim_t.pth")
+    make_image_folder(tmp_path / "data", train=2, val=1)
     g = torch.Generator().manual_seed(0)
-    for split, n in (("train", 2), ("val", 1)):
-        for c in range(10):
-            d = tmp_path / "data" / split / f"class{c}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                px = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
-                Image.fromarray(px).save(d / f"{i}.png")
     Image.fromarray((torch.rand(48, 48, 3, generator=g) * 255).to(torch.uint8).numpy()).save(tmp_path / "img.png")
     monkeypatch.chdir(tmp_path)
     old = torch.get_num_threads()

@@ -13,10 +13,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from typer.testing import CliRunner
 
 import compressor.engine.loop as loop
@@ -29,6 +27,7 @@ from compressor.engine.loss import build_criterion
 from compressor.errors import RmeetoError
 from compressor.models import create_model, load_model
 from compressor.recipes import load_recipe, with_overrides
+from helpers import make_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 FILES = {"compressed.pt", "best.pt", "checkpoint.pt", "log.jsonl", "summary.md"}
@@ -36,20 +35,6 @@ RUN = dict(batch_size=16, lr=1e-2, log_every=100)  # 5 steps per epoch; lr high 
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def make_image_folder(root: Path, classes: int = 10, train: int = 8, val: int = 4, val_name: str = "val") -> Path:
-    """Learnable tiny data: each class a colour plus noise."""
-    rng = np.random.default_rng(0)
-    for c in range(classes):
-        base = rng.integers(0, 255, 3)
-        for split, n in (("train", train), (val_name, val)):
-            d = root / split / f"class{c}"
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                img = np.clip(base + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(img).save(d / f"{i}.png")
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 
 from compressor import convert, create_model, optimize_for_inference, set_merge_impl
 from compressor.inference import GraphedModel
-from compressor.merge import TokenMerge, fast, match
+from compressor.merge import TokenMerge, fast
 from compressor.merge.schedule import MergeConfig, MergeStep
 
 pytestmark = [
@@ -24,13 +24,11 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def reference(hidden, residual, size, r, cls_in, cls_out, prune=False):
-    """TokenMerge's reference path, written out: one match, size-weighted sums, casts."""
-    merge = match(hidden, r, cls_in, cls_out, prune=prune)
-    if size is None:
-        size = hidden.new_ones(hidden.shape[0], hidden.shape[1], 1, dtype=torch.float32)
-    def wavg(x):
-        return merge(x.float() * size) / merge(size)
-    return wavg(hidden).to(hidden.dtype), wavg(residual).to(residual.dtype), merge(size)
+    """TokenMerge's reference path (impl "torch") for one merge of ``r`` tokens."""
+    step = MergeStep(layer=0, tokens_in=hidden.shape[1], r=r, cls_in=cls_in, cls_out=cls_out)
+    merge = TokenMerge(step, MergeConfig(mode="prune" if prune else "merge", num_prune=r))
+    merge.impl = "torch"
+    return merge(hidden, residual, size)
 
 
 CASES = [  # b, L, d, r, cls_in, cls_out, prune, with sizes

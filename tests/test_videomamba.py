@@ -13,6 +13,7 @@ from compressor.cli import app
 from compressor.convert import convert
 from compressor.merge import MergeConfig
 from compressor.models import create_model, load_model
+from helpers import make_image_folder
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 
@@ -71,18 +72,10 @@ def test_paper_videomamba_ti_has_no_final_merge_to_76():
 
 
 def test_videomamba_retrains_and_exports_through_the_cli(tmp_path):
-    from PIL import Image
-
     torch.manual_seed(0)
     model = create_model("videomamba_test")
     torch.save({"model": model.state_dict(), "args": argparse.Namespace(model="videomamba_test")}, tmp_path / "vm.pth")
-    g = torch.Generator().manual_seed(0)
-    for split, n in (("train", 2), ("val", 1)):
-        for c in range(10):
-            d = tmp_path / "data" / split / f"c{c}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray((torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()).save(d / f"{i}.png")
+    make_image_folder(tmp_path / "data", train=2, val=1)
     runner = CliRunner()
     r = runner.invoke(app, ["compress", str(tmp_path / "vm.pth"), "--family", "videomamba", "--recipe", "smoke",
                             "--retrain-epochs", "1", "--data", str(tmp_path / "data"), "-o", str(tmp_path / "out"),
