@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import pickle
 import re
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -286,10 +284,11 @@ def test_raw_bf16_state_dict_is_cast(tiny):
 
 
 def test_compressed_checkpoint_goes_to_convert(tmp_path, monkeypatch):
+    """The one loading door hands rmeeto's compressed files to the converter's reader."""
+    import compressor.loading as loading
+
     calls = []
-    fake = types.ModuleType("compressor.convert")
-    fake.load_compressed_payload = lambda obj, **kw: calls.append((obj, kw)) or "compressed-model"
-    monkeypatch.setitem(sys.modules, "compressor.convert", fake)
+    monkeypatch.setattr(loading, "load_compressed_payload", lambda obj, **kw: calls.append((obj, kw)) or "compressed-model")
     path = tmp_path / "merged.pth"
     torch.save({"rmeeto_format": 1, "model": {}}, path)
     assert load_model(path, backend="ref") == "compressed-model"
@@ -302,8 +301,7 @@ def test_describe_checkpoint():
     assert d["ambiguous"] and "pass --family" in d["ambiguity"]
     assert d["has_ema"] and d["epoch"] == 299 and d["model_name"].startswith("vim_tiny_patch16_224")
     assert d["parameters"] == sum(p.numel() for p in VisionMamba(d["config"]).parameters())
-    assert d["backend"].split()[0] in ("ref", "cuda", "chunked")
-    assert d["merge_impl"].split()[0] == ("triton" if torch.cuda.is_available() and fast.available() else "torch")
+    assert "backend" not in d and "merge_impl" not in d  # how this machine runs is not a property of the file
     v = describe_checkpoint(VIM_LAYOUT, family="videomamba")
     assert not v["ambiguous"] and v["cls_index"] == 0 and v["config"].divide_out is False
 
@@ -326,6 +324,9 @@ def test_cli_info_on_fixture():
     assert re.search(r"\b197\b", _row(result.output, "tokens"))
     assert re.search(r"\b98\b", _row(result.output, "class token"))
     assert "pass --family" in result.output
+    assert re.search(r"backend auto\W+(\w+)", result.output).group(1) in ("ref", "cuda", "chunked")
+    merges = "triton" if torch.cuda.is_available() and fast.available() else "torch"
+    assert re.search(r"merges auto\W+(\w+)", result.output).group(1) == merges
     result = CliRunner().invoke(app, ["info", str(VIM_LAYOUT), "--family", "videomamba", "--ema"])
     assert result.exit_code == 0 and re.search(r"\b0 \(head\)", _row(result.output, "class token"))
 

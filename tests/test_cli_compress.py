@@ -13,7 +13,8 @@ from compressor.cli import app
 from compressor.compress import compress
 from compressor.errors import RmeetoError
 from compressor.merge import TokenMerge
-from compressor.models import create_model, load_model
+from compressor import load_model
+from compressor.models import create_model
 
 runner = CliRunner()
 

@@ -12,7 +12,8 @@ from timm.layers import DropPath
 from compressor.convert import convert, save_compressed
 from compressor.errors import RecipeError, ShapeError
 from compressor.merge import MergeConfig, MergeStep, TokenMerge
-from compressor.models import VimConfig, VisionMamba, create_model, load_model
+from compressor import load_model
+from compressor.models import VimConfig, VisionMamba, create_model
 from compressor.recipes import Recipe, load_recipe
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"

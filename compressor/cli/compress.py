@@ -10,6 +10,7 @@ import typer
 
 from ..compress import compress as run_compress
 from ._app import command, console
+from ._options import ModelFactory, ModelKwargs
 from .info import Family
 
 
@@ -23,6 +24,8 @@ def compress(
         typer.Option(help="Model family: the two share their state_dict layout, so the file cannot tell (default vim)."),
     ] = None,
     ema: Annotated[bool, typer.Option("--ema", help="Compress the model_ema weights instead of model.")] = False,
+    model_factory: ModelFactory = None,
+    model_kwargs: ModelKwargs = None,
     retrain_epochs: Annotated[int, typer.Option(help="Re-training epochs after merging (0: training-free).", min=0)] = 0,
     data: Annotated[Optional[Path], typer.Option(help="ImageFolder dataset for re-training (with --retrain-epochs).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Re-training batch per process (default: the recipe's).", min=1)] = None,
@@ -39,7 +42,8 @@ def compress(
     --retrain-epochs N also re-train it (OUT/ gets best.pt, checkpoint.pt, log.jsonl, summary.md).
     Options given here override the recipe's re-training settings."""
     path = run_compress(
-        ckpt, recipe, out, family=family.value if family else "vim", ema=ema, retrain_epochs=retrain_epochs,
+        ckpt, recipe, out, family=family.value if family else "vim", ema=ema, factory=model_factory, factory_kwargs=model_kwargs,
+        retrain_epochs=retrain_epochs,
         data=data, console=console, batch_size=batch_size, lr=lr, distill=distill, resume=resume, device=device,
         num_workers=workers, seed=seed,
     )

@@ -10,8 +10,9 @@ from rich.table import Table
 
 from ..errors import RmeetoError
 from ..export import ExportReport, export_onnx
-from ..models.checkpoint import load_model
+from ..loading import load_model
 from ._app import command, console
+from ._options import ModelFactory, ModelKwargs
 from .info import Family
 
 
@@ -24,6 +25,8 @@ def export(
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Make the batch dimension dynamic (H and W stay fixed).")] = False,
     fp16: Annotated[bool, typer.Option("--fp16", help="Export in half precision.")] = False,
     family: Annotated[Optional[Family], typer.Option(help="Model family of an official checkpoint (the file cannot tell).")] = None,
+    model_factory: ModelFactory = None,
+    model_kwargs: ModelKwargs = None,
     rtol: Annotated[
         Optional[float], typer.Option(help="Max |ORT - PyTorch| / max |PyTorch| allowed (default 1e-4; 1e-2 with --fp16).", min=0.0)
     ] = None,
@@ -31,7 +34,8 @@ def export(
     """Export a checkpoint to ONNX with fixed image size; check it against PyTorch with ONNX Runtime."""
     if dynamic_batch and batch is not None:
         raise RmeetoError("choose either --batch B (a fixed batch) or --dynamic-batch, not both")
-    model = load_model(ckpt, family=family.value if family else "vim", backend="auto")
+    model = load_model(ckpt, family=family.value if family else "vim", backend="auto", factory=model_factory,
+                       factory_kwargs=model_kwargs)
     with console.status(f"exporting {ckpt.name} (minutes for a depth-24 model) and checking it with ONNX Runtime"):
         report = export_onnx(model, onnx, opset=opset, batch=batch or 1, dynamic_batch=dynamic_batch, fp16=fp16, rtol=rtol)
     console.print(_table(report))

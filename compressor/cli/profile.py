@@ -13,8 +13,10 @@ from .. import ops
 from ..merge import MERGE_IMPLS
 from ..errors import RmeetoError
 from ..profile.report import to_table
+from ..loading import as_factory
 from ..profile.run import ProfileSettings, run_profile
 from ._app import command, console
+from ._options import ModelFactory, ModelKwargs
 
 
 class Family(str, Enum):
@@ -72,6 +74,8 @@ def profile(
     eval_batch_size: Annotated[int, typer.Option(help="Batch size of the accuracy evaluation.")] = 64,
     crop_pct: Annotated[Optional[float], typer.Option(help="Eval center-crop fraction for every model (default: each model's recipe, 0.875).", min=0.1, max=1.0)] = None,
     workers: Annotated[int, typer.Option(help="Data loader worker processes for the evaluation.")] = 4,
+    model_factory: ModelFactory = None,
+    model_kwargs: ModelKwargs = None,
 ):
     """Time the compressed model and its baseline per backend and batch size; write a report."""
     settings = ProfileSettings(
@@ -93,6 +97,7 @@ def profile(
             ckpt, out_dir=out, baseline=baseline, recipes=_csv("--recipes", recipes) if recipes is not None else (),
             model=model, family=family.value if family else None, data=data, settings=settings,
             progress=lambda msg: status.update(msg),
+            factory=as_factory(model_factory, model_kwargs),
         )
     console.print(to_table(report))
     for note in report["notes"] + [f"{e['name']}: {n}" for e in report["models"] for n in e["notes"]]:

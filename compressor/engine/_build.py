@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 
@@ -15,25 +17,27 @@ NO_WEIGHT_DECAY = ("pos_embed", "cls_token")
 
 
 def make_student(model: nn.Module, recipe) -> nn.Module:
-    """The model to re-train: ``model``'s weights in a fresh ``convert(model, recipe)`` graph,
-    built with the recipe's drop path, in train mode, every parameter trainable.
+    """The model to re-train, in train mode, every parameter trainable.
 
-    ``model`` is the pretrained VisionMamba, or a model already converted with the same merges
-    (its weights are taken over). The graph is traced in eval mode: the merge schedule and
-    shapes do not depend on the mode, and the per-block drop paths stay live inside the blocks.
+    ``model``: the pretrained model (rmeeto's VisionMamba, or a foreign Vision Mamba), or a
+    model already converted with the same merges (its weights are taken over). rmeeto's own
+    models are rebuilt with the recipe's drop path (``convert(VisionMamba(cfg'), recipe)``,
+    traced in eval mode: the merge schedule and shapes do not depend on the mode, and the
+    per-block drop paths stay live inside the blocks); a foreign model keeps its own.
     """
-    from ..convert import convert
+    from ..convert import ConvertedModel, convert
     from ..models.vim import VisionMamba
 
-    cfg = getattr(model, "cfg", None)
-    if cfg is None:
-        raise RmeetoError(f"cannot re-train a {type(model).__name__}: pass a model from load_model/create_model or convert")
-    old_recipe = getattr(model, "recipe", None)
+    old_recipe = getattr(model, "recipe", None) if isinstance(model, ConvertedModel) else None
     if old_recipe is not None and old_recipe.merge != recipe.merge:
         raise RmeetoError(
             f"the student was converted with the merges of recipe {old_recipe.name!r}, not those of {recipe.name!r}: "
             "convert it with the recipe you re-train with"
         )
+    cfg = model.cfg if isinstance(model, (VisionMamba, ConvertedModel)) else None
+    if cfg is None:  # a foreign model: its structure (and drop path) is its own
+        student = copy.deepcopy(model) if isinstance(model, ConvertedModel) else convert(model, recipe)
+        return student.train().requires_grad_(True)
     base = VisionMamba(cfg.replace(drop_path_rate=recipe.retrain.drop_path))
     student = convert(base.eval(), recipe)
     try:

@@ -13,7 +13,7 @@ import torch
 
 from .._io import atomic_write_text
 from ..errors import RmeetoError
-from ._build import amp_settings, build_optimizer, build_scheduler, make_student, prepare_teacher, scaled_lr
+from ._build import amp_settings, build_optimizer, build_scheduler, prepare_teacher, scaled_lr
 from ._state import FitResult, RunLog, TrainState
 from ._summary import print_summary, summary_rows, write_summary
 from .checkpoint import capture_rng, check_resumable, load_checkpoint, restore_rng, save_checkpoint
@@ -71,15 +71,15 @@ def _ema(student, retrain):
 
 def new_state(student, teacher, recipe, spec, d, stop, *, log_every: int, no_aug: bool):
     """Loaders first (their errors are cheap), then student, teacher, optimizer, schedule."""
-    rt, cfg = recipe.retrain, teacher.cfg
+    rt, layout = recipe.retrain, student.layout  # ``student``: from make_student
     pin = d.device.type == "cuda"
     common = dict(num_workers=rt.num_workers, world_size=d.world_size, rank=d.rank, pin_memory=pin)
-    train_loader = build_train_loader(spec, cfg.img_size, rt, batch_size=rt.batch_size, seed=rt.seed, no_aug=no_aug, **common)
-    val_loader = build_eval_loader(spec, cfg.img_size, rt.eval_crop_pct, batch_size=rt.batch_size, **common)
-    student = make_student(student if student is not None else teacher, recipe).to(d.device)
+    train_loader = build_train_loader(spec, layout.img_size, rt, batch_size=rt.batch_size, seed=rt.seed, no_aug=no_aug, **common)
+    val_loader = build_eval_loader(spec, layout.img_size, rt.eval_crop_pct, batch_size=rt.batch_size, **common)
+    student = student.to(d.device)
     teacher = prepare_teacher(teacher, d.device)
     amp_dtype, use_scaler, _ = amp_settings(rt.amp, d.device)
-    mixup = build_mixup(rt, cfg.num_classes)
+    mixup = build_mixup(rt, layout.num_classes)
     scale = scaled_lr(1.0, rt.batch_size, d.world_size)  # global batch / 512
     optimizer = build_optimizer(student, rt.lr * scale, rt.weight_decay)
     state = TrainState(
@@ -142,7 +142,7 @@ def save_training_checkpoint(out: Path, state: TrainState, recipe, run: RunLog, 
         "ema": state.ema.module.state_dict() if state.ema is not None else None,
         "epoch": state.epoch, "step": state.step, "step_in_epoch": step_in_epoch,
         "epoch_loss": [float(epoch_loss[0]), int(epoch_loss[1])], "sampler_epoch": state.epoch,
-        **run.state_dict(), "rng": rng, "recipe": recipe_to_dict(recipe), "arch": state.student.cfg.to_dict(),
+        **run.state_dict(), "rng": rng, "recipe": recipe_to_dict(recipe), "arch": state.student.source(),
         "world_size": state.dist.world_size,
     })
 

@@ -4,7 +4,7 @@
 The student (merged, all parameters trainable) learns from the mixed targets and from the
 unmerged teacher's logits on the same augmented batch. Everything a resume needs is in
 ``OUT/checkpoint.pt`` (see :mod:`compressor.engine.checkpoint`); ``OUT/compressed.pt`` and
-``OUT/best.pt`` are loadable with :func:`compressor.models.load_model`.
+``OUT/best.pt`` are loadable with :func:`compressor.load_model`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..errors import RmeetoError
 from ._progress import Reporter, StopFlag
+from ._build import make_student
 from ._setup import (CHECKPOINT, check_out_dir, describe, finish, load_resume, new_state, restore_state, save_outputs,
                      save_training_checkpoint, seed_everything)
 from ._state import FitResult, RunLog, TrainState
@@ -180,8 +181,11 @@ def fit(student, teacher, recipe, data_dir, out_dir, *, epochs=None, batch_size=
     # command line > recipe > default: with_overrides keeps the recipe's value for None
     recipe = with_overrides(recipe if isinstance(recipe, Recipe) else load_recipe(recipe), epochs=epochs, batch_size=batch_size, lr=lr, distill=distill, seed=seed,
                             num_workers=num_workers)
-    if teacher is None or not hasattr(teacher, "cfg"):
-        raise RmeetoError("fit needs the pretrained model as teacher (from load_model or create_model)")
+    from ..convert import ConvertedModel
+
+    if not isinstance(teacher, torch.nn.Module) or isinstance(teacher, ConvertedModel):
+        raise RmeetoError("fit needs the pretrained, unmerged model as teacher (from load_model, create_model or your own "
+                          "Vision Mamba)")
     d = init_distributed(device)
     reporter = Reporter(enabled=d.is_main, console=console)
     try:
@@ -199,9 +203,9 @@ def fit(student, teacher, recipe, data_dir, out_dir, *, epochs=None, batch_size=
 
 def _fit(student, teacher, recipe, data_dir, out_dir, d, reporter, stop, *, resume, log_every, no_aug) -> FitResult:
     out = check_out_dir(out_dir, resume)
-    spec = check_data_dir(data_dir, num_classes=teacher.cfg.num_classes)
-    arch = teacher.cfg.replace(drop_path_rate=recipe.retrain.drop_path).to_dict()  # the student's
-    ckpt = load_resume(out / CHECKPOINT, recipe, arch, d.world_size) if resume else None
+    student = make_student(student if student is not None else teacher, recipe)
+    spec = check_data_dir(data_dir, num_classes=student.layout.num_classes)
+    ckpt = load_resume(out / CHECKPOINT, recipe, student.source(), d.world_size) if resume else None
     state, (train_loader, val_loader), teacher = new_state(student, teacher, recipe, spec, d, stop,
                                                            log_every=log_every, no_aug=no_aug)
     steps = len(train_loader)

@@ -4,13 +4,13 @@
 :func:`merge_sources` runs a converted model with a :class:`torch.fx.Interpreter` that, at every
 :class:`~compressor.merge.module.TokenMerge` node, asks the node for its matching and applies the
 same merge to a running one-hot membership tensor. :func:`render_merges` paints each final token's
-patches in one colour over the image. :func:`visualize` is what ``rmeeto visualize`` calls.
+patches in one colour over the image. :func:`compressor.visualize.visualize` (loading a checkpoint
+and converting it) is what ``rmeeto visualize`` calls.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ from ..errors import RmeetoError
 from .bipartite import merge_source
 from .module import TokenMerge
 
-__all__ = ["merge_sources", "render_merges", "load_images", "visualize", "VisualizeResult", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["merge_sources", "render_merges", "load_images", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -48,16 +48,16 @@ def merge_sources(gm: fx.GraphModule, images: torch.Tensor) -> torch.Tensor:
     0/1: entry ``[i, t, p]`` says that final token ``t`` holds patch ``p`` (row-major grid order).
     The class token is tracked like any token, but its column is dropped, so its row is all zero.
     In ``merge`` mode every patch is in exactly one final token; ``prune`` drops some."""
-    cfg = getattr(gm, "cfg", None)
-    if cfg is None:
+    layout = getattr(gm, "layout", None)
+    if layout is None:
         raise RmeetoError("merge_sources expects a module returned by compressor.convert (or load_model of a compressed file)")
-    b, L = images.shape[0], cfg.num_tokens
+    b, L = images.shape[0], layout.num_tokens
     source = torch.eye(L, device=images.device).expand(b, L, L).contiguous()
     tracker = _SourceTracker(gm, source)
     tracker.run(images)
     source = tracker.source
-    if cfg.cls_index is not None:
-        source = torch.cat([source[..., : cfg.cls_index], source[..., cfg.cls_index + 1 :]], dim=-1)
+    if layout.cls_index is not None:
+        source = torch.cat([source[..., : layout.cls_index], source[..., layout.cls_index + 1 :]], dim=-1)
     return source
 
 
@@ -145,36 +145,3 @@ def load_images(paths, img_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     rgb = torch.stack(out)
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return rgb, (rgb - mean) / std
-
-
-@dataclass
-class VisualizeResult:
-    path: Path
-    tokens: int  # final tokens, class token included
-    patches: int
-    notes: list[str] = field(default_factory=list)
-
-
-def visualize(ckpt, images, out, recipe=None, family: str = "vim", ema: bool = False) -> VisualizeResult:
-    """Load ``ckpt`` (an official checkpoint, converted with ``recipe``, default ``r031``; or a
-    compressed one, used as it is), track the merges on ``images`` (file paths) and write the PNG
-    ``out``."""
-    from ..convert import convert
-    from ..models.checkpoint import load_model
-
-    if not images:
-        raise RmeetoError("no images given: pass one or more image files")
-    notes = []
-    model = load_model(ckpt, family=family, ema=ema)
-    if isinstance(model, fx.GraphModule):
-        gm = model
-        if recipe is not None:
-            notes.append(f"{ckpt} is already compressed (recipe {gm.recipe.name}): --recipe {recipe} ignored")
-    else:
-        gm = convert(model, recipe or "r031")
-    if gm.cfg.in_chans != 3:
-        raise RmeetoError(f"the model takes {gm.cfg.in_chans}-channel inputs: visualize needs an RGB model")
-    rgb, x = load_images(images, gm.cfg.img_size)
-    sources = merge_sources(gm.eval(), x)
-    path = render_merges(rgb, sources, gm.cfg.grid, out, titles=[Path(p).name for p in images])
-    return VisualizeResult(path=path, tokens=sources.shape[1], patches=sources.shape[-1], notes=notes)

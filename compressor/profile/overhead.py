@@ -54,13 +54,12 @@ def merge_modules(model: nn.Module) -> dict[str, TokenMerge]:
 
 def sliced_variant(gm: fx.GraphModule) -> fx.GraphModule:
     """``gm`` with its merges replaced by :class:`TokenSlice` (weights shared, not copied)."""
-    sliced = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=f"{type(gm).__name__}Sliced")
+    from ..convert import ConvertedModel
+
+    sliced = ConvertedModel(gm, copy.deepcopy(gm.graph), gm.info)
     for name, m in merge_modules(gm).items():
         parent, _, leaf = name.rpartition(".")
         setattr(sliced.get_submodule(parent) if parent else sliced, leaf, TokenSlice(m.step))
-    for attr in ("cfg", "recipe", "steps"):
-        if hasattr(gm, attr):
-            setattr(sliced, attr, getattr(gm, attr))
     return sliced.train(gm.training)
 
 

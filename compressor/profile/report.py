@@ -82,8 +82,8 @@ def _models_md(report: dict) -> list[str]:
         acc = e["accuracy"]
         t = e["tokens_per_layer"]
         rows.append([
-            e["name"], e["role"], e["recipe"] or "-", f"{e['params'] / 1e6:.2f}", f"{e['flops']['gflops']:.4f}",
-            f"{e['flops']['gflops_paper']:.4f}", _pct(e["flops"]["reduction"]), f"{t[0]} → {t[-1]}", str(len(e["merges"])),
+            e["name"], e["role"], e["recipe"] or "-", f"{e['params'] / 1e6:.2f}", _f(e["flops"]["gflops"], ".4f"),
+            _f(e["flops"]["gflops_paper"], ".4f"), _pct(e["flops"]["reduction"]), f"{t[0]} → {t[-1]}", str(len(e["merges"])),
             f"{e['reduction_ratio']:.2f}", _f(acc and acc["top1"], ".2f"), _f(acc and acc["top5"], ".2f"),
         ])
     header = ["model", "role", "recipe", "params (M)", "GFLOPs", "GFLOPs (paper)", "FLOPs saved", "tokens", "merges",

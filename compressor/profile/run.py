@@ -16,15 +16,15 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-import torch.fx as fx
 
 from .. import __version__, ops
-from ..convert import convert
+from ..convert import ConvertedModel, convert, unmerged
 from ..errors import RmeetoError
 from ..merge import MERGE_IMPLS, inference_merge_impl, set_merge_impl
 from ..merge import fast as fast_merge
-from ..merge.schedule import reduction_ratio
-from ..models import VisionMamba, create_model, load_model, set_backend
+from ..merge.schedule import reduction_ratio, tokens_per_layer
+from ..loading import as_factory, load_model
+from ..models import create_model, set_backend
 from .flops import count_flops
 from .overhead import hook_overhead, sliced_variant
 from .timing import EXEC_BACKENDS, close_cache, time_backend
@@ -107,10 +107,10 @@ class ProfileSettings:
 
 @dataclass
 class ProfileTarget:
-    """One model to profile: a converted GraphModule (``.cfg``, ``.recipe``, ``.steps``)."""
+    """One model to profile: a :class:`~compressor.convert.ConvertedModel`."""
 
     name: str
-    module: fx.GraphModule
+    module: ConvertedModel
     role: str  # "baseline", "compressed" or "training-free"
     source: str
     notes: list[str] = field(default_factory=list)
@@ -120,24 +120,15 @@ class ProfileTarget:
 # which models
 
 
-def _unmerged(gm: fx.GraphModule) -> VisionMamba:
-    """The plain model with a converted model's weights (merges carry no weights)."""
-    net = VisionMamba(gm.cfg)
-    try:
-        net.load_state_dict(gm.state_dict(), strict=True)
-    except RuntimeError as e:
-        raise RmeetoError(f"cannot rebuild the unmerged model from the compressed weights ({str(e).splitlines()[0]})") from None
-    return net.eval()
-
-
-def _as_converted(m, recipe: str = "none") -> fx.GraphModule:
-    return m if isinstance(m, fx.GraphModule) else convert(m.eval(), recipe)
+def _as_converted(m, recipe: str = "none") -> ConvertedModel:
+    return m if isinstance(m, ConvertedModel) else convert(m.eval(), recipe)
 
 
 def load_targets(ckpt: str | os.PathLike | None = None, *, baseline: str | os.PathLike | None = None,
                  recipes: tuple[str, ...] | list[str] = (), model: str | None = None,
-                 family: str | None = None) -> list[ProfileTarget]:
-    """The models :func:`run_profile` compares, baseline first.
+                 family: str | None = None, factory=None) -> list[ProfileTarget]:
+    """The models :func:`run_profile` compares, baseline first (``factory``: the model class of a
+    foreign model, see :func:`compressor.loading.load_model`).
 
     - ``ckpt`` compressed (rmeeto file): it, and as baseline the same weights converted with
       ``none`` (or the ``baseline`` checkpoint).
@@ -152,12 +143,12 @@ def load_targets(ckpt: str | os.PathLike | None = None, *, baseline: str | os.Pa
     if model is not None:
         net, source = create_model(model).eval(), f"random weights ({model})"
     else:
-        loaded, source = load_model(ckpt, family=fam), str(ckpt)
-        if isinstance(loaded, VisionMamba):
+        loaded, source = load_model(ckpt, family=fam, factory=factory), str(ckpt)
+        if not isinstance(loaded, ConvertedModel):
             net = loaded.eval()
         else:
-            compressed, net = loaded, _unmerged(loaded)
-    targets = [_baseline_target(net, source, compressed, baseline, fam)]
+            compressed, net = loaded, unmerged(loaded)
+    targets = [_baseline_target(net, source, compressed, baseline, fam, factory)]
     if compressed is not None:
         extra = getattr(compressed, "extra", None) or {}
         src = extra.get("source_checkpoint") or extra.get("source")
@@ -175,15 +166,16 @@ def load_targets(ckpt: str | os.PathLike | None = None, *, baseline: str | os.Pa
     return targets
 
 
-def _baseline_target(net, source, compressed, baseline, family) -> ProfileTarget:
+def _baseline_target(net, source, compressed, baseline, family, factory) -> ProfileTarget:
     if baseline is None:
         why = "the compressed weights converted with recipe none" if compressed is not None else "recipe none"
-        return ProfileTarget("baseline", convert(net, "none"), "baseline", f"{source} ({why})")
-    gm = _as_converted(load_model(baseline, family=family))
+        return ProfileTarget("baseline", _as_converted(net), "baseline", f"{source} ({why})")
+    gm = _as_converted(load_model(baseline, family=family, factory=factory))
+    mine = _as_converted(net).layout
     notes = []
-    if gm.cfg.img_size != net.cfg.img_size or gm.cfg.embed_dim != net.cfg.embed_dim:
-        notes.append(f"baseline architecture differs (img {gm.cfg.img_size}, dim {gm.cfg.embed_dim} vs "
-                     f"img {net.cfg.img_size}, dim {net.cfg.embed_dim}): speed-ups compare different models")
+    if gm.layout.input_shape != mine.input_shape or gm.layout.embed_dim != mine.embed_dim:
+        notes.append(f"baseline architecture differs (input {gm.layout.input_shape}, dim {gm.layout.embed_dim} vs "
+                     f"input {mine.input_shape}, dim {mine.embed_dim}): speed-ups compare different models")
     return ProfileTarget("baseline", gm, "baseline", str(baseline), notes)
 
 
@@ -201,16 +193,18 @@ def _unique_names(targets: list[ProfileTarget]) -> None:
 
 
 def _static_info(t: ProfileTarget) -> dict:
-    gm, cfg, steps = t.module, t.module.cfg, list(t.module.steps)
-    recipe = getattr(gm, "recipe", None)
-    flops = count_flops(cfg, steps, merge=recipe.merge if steps and recipe is not None else None)
+    gm, cfg, layout, steps = t.module, t.module.cfg, t.module.layout, t.module.steps
+    recipe = gm.recipe
+    flops = count_flops(cfg, steps, merge=recipe.merge if steps else None) if cfg is not None else None
+    arch = {k: getattr(cfg, k) for k in ("family", "embed_dim", "depth", "img_size", "patch_size", "stride", "num_classes")} \
+        if cfg is not None else {"family": "foreign", "embed_dim": layout.embed_dim, "depth": layout.depth,
+                                 "input_shape": list(layout.input_shape), "num_classes": layout.num_classes}
     return {
         "name": t.name,
         "role": t.role,
         "source": t.source,
-        "recipe": recipe.name if recipe is not None else None,
-        "arch": {k: getattr(cfg, k) for k in ("family", "embed_dim", "depth", "img_size", "patch_size", "stride", "num_classes")}
-        | {"tokens": cfg.num_tokens, "cls_index": cfg.cls_index},
+        "recipe": recipe.name,
+        "arch": arch | {"tokens": layout.num_tokens, "cls_index": layout.cls_index},
         "params": sum(p.numel() for p in gm.parameters()),
         "flops": {
             "gflops": flops["gflops_both"],
@@ -219,10 +213,11 @@ def _static_info(t: ProfileTarget) -> dict:
             "paper_convention": "one scan direction, N - num_prune per merge layer (the paper's table)",
             "breakdown": flops["breakdown_both"],
             "reduction": None,
-        },
-        "tokens_per_layer": flops["tokens"],
+        } if flops is not None else {"gflops": None, "gflops_paper": None, "reduction": None,
+                                     "convention": "not counted: a foreign model's layers are not known to the counter"},
+        "tokens_per_layer": tokens_per_layer(steps, layout.num_tokens, layout.depth),
         "merges": [{"layer": s.layer, "tokens_in": s.tokens_in, "tokens_out": s.tokens_out, "r": s.r} for s in steps],
-        "reduction_ratio": reduction_ratio(steps, cfg.num_tokens, cfg.depth),
+        "reduction_ratio": reduction_ratio(steps, layout.num_tokens, layout.depth),
         "timings": [],
         "merge_overhead": [],
         "accuracy": None,
@@ -234,29 +229,29 @@ def _static_info(t: ProfileTarget) -> dict:
 # timing
 
 
-def _input(cfg, batch: int, s: ProfileSettings) -> torch.Tensor:
+def _input(layout, batch: int, s: ProfileSettings) -> torch.Tensor:
     g = torch.Generator().manual_seed(s.seed)
-    x = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size, generator=g)
+    x = torch.randn(batch, *layout.input_shape, generator=g)
     return x.to(device=s.device, dtype=DTYPES[s.dtype])
 
 
-def _time_all(module, cfg, s: ProfileSettings, backends) -> list[dict]:
+def _time_all(module, layout, s: ProfileSettings, backends) -> list[dict]:
     rows, cache = [], {}
     try:
         for backend in backends:
             for bs in s.batch_sizes:
-                rows.append(time_backend(module, backend, _input(cfg, bs, s), warmup=s.warmup, repeats=s.repeats, cache=cache))
+                rows.append(time_backend(module, backend, _input(layout, bs, s), warmup=s.warmup, repeats=s.repeats, cache=cache))
     finally:
         close_cache(cache)
     return rows
 
 
-def _overhead_rows(gm: fx.GraphModule, merged: list[dict], s: ProfileSettings) -> list[dict]:
+def _overhead_rows(gm: ConvertedModel, merged: list[dict], s: ProfileSettings) -> list[dict]:
     """Merge overhead by the ``sliced`` and ``hooks`` methods (module docstring of overhead.py)."""
     out = []
     if "sliced" in s.overhead:
         backends = [b for b in s.backends if b != "onnxruntime"]  # one more export per model is not worth it
-        sliced = _time_all(sliced_variant(gm), gm.cfg, s, backends)
+        sliced = _time_all(sliced_variant(gm), gm.layout, s, backends)
         by_key = {(r["backend"], r["batch_size"]): r for r in merged}
         for r in sliced:
             m = by_key[(r["backend"], r["batch_size"])]
@@ -272,7 +267,7 @@ def _overhead_rows(gm: fx.GraphModule, merged: list[dict], s: ProfileSettings) -
             })
     if "hooks" in s.overhead and "eager" in s.backends:
         for bs in s.batch_sizes:
-            row = hook_overhead(gm, _input(gm.cfg, bs, s), warmup=min(s.warmup, 2), repeats=s.repeats)
+            row = hook_overhead(gm, _input(gm.layout, bs, s), warmup=min(s.warmup, 2), repeats=s.repeats)
             if row is not None:
                 out.append(row)
     return out
@@ -283,7 +278,8 @@ def _fill_speedups(entries: list[dict]) -> None:
     base = {(r["backend"], r["batch_size"]): r["throughput"] for r in entries[0]["timings"]}
     base_flops = entries[0]["flops"]["gflops"]
     for e in entries:
-        e["flops"]["reduction"] = 1.0 - e["flops"]["gflops"] / base_flops
+        if e["flops"]["gflops"] is not None and base_flops:
+            e["flops"]["reduction"] = 1.0 - e["flops"]["gflops"] / base_flops
         for r in e["timings"]:
             b = base.get((r["backend"], r["batch_size"]))
             r["speedup"] = r["throughput"] / b if r["throughput"] and b else None
@@ -335,15 +331,14 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _accuracy(gm: fx.GraphModule, data, s: ProfileSettings) -> dict:
+def _accuracy(gm: ConvertedModel, data, s: ProfileSettings) -> dict:
     """Top-1 / top-5 with the engine's evaluation (fp32, the recipe's eval crop), as ``rmeeto eval``."""
     from ..engine.data import build_eval_loader, check_eval_dir
     from ..engine.loop import evaluate
 
-    spec = check_eval_dir(data, num_classes=gm.cfg.num_classes)
-    recipe = getattr(gm, "recipe", None)
-    crop = s.crop_pct or (recipe.retrain.eval_crop_pct if recipe is not None else 0.875)
-    loader = build_eval_loader(spec, gm.cfg.img_size, crop, batch_size=s.eval_batch_size, num_workers=s.eval_workers,
+    spec = check_eval_dir(data, num_classes=gm.layout.num_classes)
+    crop = s.crop_pct or gm.recipe.retrain.eval_crop_pct
+    loader = build_eval_loader(spec, gm.layout.img_size, crop, batch_size=s.eval_batch_size, num_workers=s.eval_workers,
                                pin_memory=s.device == "cuda")
     m = evaluate(gm, loader, device=torch.device(s.device))
     return {"top1": m["top1"], "top5": m["top5"], "loss": m["loss"], "images": m["images"],
@@ -358,7 +353,7 @@ def _profile_one(t: ProfileTarget, s: ProfileSettings, data) -> dict:
         if data is not None:  # before the cast: accuracy is measured in fp32
             entry["accuracy"] = _accuracy(gm, data, s)
         gm.to(dtype=DTYPES[s.dtype])
-        entry["timings"] = _time_all(gm, gm.cfg, s, s.backends)
+        entry["timings"] = _time_all(gm, gm.layout, s, s.backends)
         if entry["merges"]:
             entry["merge_overhead"] = _overhead_rows(gm, entry["timings"], s)
     finally:
@@ -414,7 +409,7 @@ def profile_models(targets: list[ProfileTarget], settings: ProfileSettings | Non
 def run_profile(ckpt: str | os.PathLike | None = None, *, out_dir: str | os.PathLike | None = None,
                 baseline: str | os.PathLike | None = None, recipes: tuple[str, ...] | list[str] = (),
                 model: str | None = None, family: str | None = None, data: str | os.PathLike | None = None,
-                settings: ProfileSettings | None = None, progress=None, **overrides) -> dict:
+                settings: ProfileSettings | None = None, progress=None, factory=None, **overrides) -> dict:
     """Load the models (:func:`load_targets`), profile them (:func:`profile_models`) and, with
     ``out_dir``, write ``report.json``, ``report.md`` and the PNG plots there. ``overrides`` are
     :class:`ProfileSettings` fields (``batch_sizes=(1, 8)``, ``device="cpu"``, ...)."""
@@ -427,7 +422,8 @@ def run_profile(ckpt: str | os.PathLike | None = None, *, out_dir: str | os.Path
         from ..engine.data import check_eval_dir
 
         check_eval_dir(data)  # fail on a bad data folder before timing anything
-    targets = load_targets(ckpt, baseline=baseline, recipes=recipes, model=model, family=family)
+    targets = load_targets(ckpt, baseline=baseline, recipes=recipes, model=model, family=family,
+                           factory=as_factory(factory))
     report = profile_models(targets, s, data=data, progress=progress)
     if len(targets) == 1:
         report["notes"].append("only the baseline was profiled: pass --recipes (or a compressed checkpoint) to compare")

@@ -115,10 +115,7 @@ def _ort_session(model: nn.Module):
         import onnxruntime as ort
     except ImportError:
         raise Unavailable("onnxruntime is not installed: pip install onnxruntime") from None
-    cpu_model = copy.deepcopy(model).float().cpu().eval()
-    for attr in ("cfg", "recipe", "steps", "extra"):  # deepcopy of a GraphModule drops them
-        if hasattr(model, attr):
-            setattr(cpu_model, attr, getattr(model, attr))
+    cpu_model = copy.deepcopy(model).float().cpu().eval()  # a ConvertedModel keeps its info through deepcopy
     tmp = tempfile.TemporaryDirectory(prefix="rmeeto-ort-")
     path = Path(tmp.name) / "model.onnx"
     try:
