@@ -474,11 +474,10 @@ def test_model_trains_with_drop_path_on_cpu(backend):
 def test_fx_trace_with_leaf_blocks_reproduces_eager_exactly():
     torch.manual_seed(16)
     model = lively(create_model("vim_test").eval())
-    from compressor.fx import VimTracer
+    from compressor.fx import trace
 
-    graph = VimTracer().trace(model)
-    gm = torch.fx.GraphModule(model, graph)
-    graph.lint()
+    gm = trace(model)
+    graph = gm.graph
     called = [n.target for n in graph.nodes if n.op == "call_module"]
     assert sum(t.startswith("layers.") for t in called) == model.cfg.depth
     assert "norm_f" in called and "readout" in called
