@@ -11,7 +11,7 @@ from rich.table import Table
 
 from ..merge.schedule import cls_per_layer, merge_schedule, reduction_ratio
 from ..models.registry import get_config
-from ..profile import count_flops, paper_reduction_ratio
+from ..flops import count_flops, paper_reduction_ratio
 from ..recipes import Recipe, list_recipes, load_recipe
 from ._app import app, console, user_errors
 

@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .._io import atomic_write_text
+from ..flops import count_flops
 from ._progress import fmt_duration
 
 __all__ = ["summary_rows", "write_summary", "print_summary"]
@@ -17,8 +18,6 @@ HEADER = ("model", "top-1 (%)", "top-5 (%)", "val loss", "GFLOPs", "tokens (firs
 
 def _gflops(cfg, steps, merge) -> float | None:
     """GFLOPs (both scan directions) of rmeeto's own models, else None (column omitted)."""
-    from ..profile.flops import count_flops
-
     if cfg is None:
         return None
     try:

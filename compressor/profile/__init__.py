@@ -1,7 +1,7 @@
 """Profiling: analytic FLOPs (the paper's formula, both scan directions or the paper's convention),
 timing per execution backend and batch size, merge overhead, accuracy, and reports."""
 
-from .flops import CONVENTIONS, count_flops, paper_reduction_ratio, paper_tokens_per_layer
+from ..flops import CONVENTIONS, count_flops, paper_reduction_ratio, paper_tokens_per_layer
 from .run import ProfileSettings, ProfileTarget, load_targets, profile_models, run_profile
 
 __all__ = [

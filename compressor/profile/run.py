@@ -25,7 +25,7 @@ from ..merge import fast as fast_merge
 from ..merge.schedule import reduction_ratio, tokens_per_layer
 from ..loading import as_factory, load_model
 from ..models import create_model, set_backend
-from .flops import count_flops
+from ..flops import count_flops
 from .overhead import hook_overhead, sliced_variant
 from .timing import EXEC_BACKENDS, close_cache, time_backend
 

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..models.config import VimConfig
-from ..merge.schedule import MergeConfig, MergeStep, tokens_per_layer
+from .models.config import VimConfig
+from .merge.schedule import MergeConfig, MergeStep, tokens_per_layer
 
 __all__ = ["CONVENTIONS", "count_flops", "paper_tokens_per_layer", "paper_reduction_ratio"]
 
