@@ -334,3 +334,27 @@ def test_the_input_size_is_read_off_the_model_or_asked_for():
         assert convert(getattr(fm, name)(), "none").layout.input_shape == (3, 32, 32)
     with pytest.raises(RmeetoError, match="example_input=torch.randn"):
         convert(fm.head_cls_residual_inside(), MERGE)  # no img_size attribute
+
+def _checked(x):
+    """A helper of the model's own module that branches on values: fx traces into it unless named."""
+    if x.abs().max() > 1e9:
+        raise ValueError("diverged")
+    return x
+
+
+class WithLocalHelper(fm.MeanPoolNested):
+    def forward(self, img):
+        x = _checked(self.stem(img).flatten(2).transpose(1, 2)) + self.pos
+        return self.head(self.encoder(x).mean(dim=1))
+
+
+def test_leaf_function_hint_keeps_a_helper_whole():
+    torch.manual_seed(0)
+    model = WithLocalHelper().eval()
+    with pytest.raises(RmeetoError, match="cannot trace WithLocalHelper.forward"):
+        conv(model, MERGE)
+    gm = conv(model, "none", hints={"leaf_functions": [_checked]})
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+    assert any(n.target is _checked for n in gm.graph.nodes)

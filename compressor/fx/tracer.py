@@ -12,8 +12,9 @@ into: they run unchanged at run time. The forward's extra arguments (``inference
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
-import math
 import types
 from typing import Iterable
 
@@ -33,9 +34,8 @@ class MambaTracer(fx.Tracer):
     """Traces through ``containers`` (qualified names; ``""`` is the root, always traced) and
     makes every other module a leaf, plus instances of ``leaves`` wherever they are."""
 
-    def __init__(self, containers: Iterable[str] = (), leaves: tuple[type, ...] = (), autowrap: Iterable = (),
-                 autowrap_modules: Iterable[types.ModuleType] = ()):
-        super().__init__(autowrap_modules=(math, *autowrap_modules), autowrap_functions=tuple(autowrap))
+    def __init__(self, containers: Iterable[str] = (), leaves: tuple[type, ...] = ()):
+        super().__init__()
         self.containers = set(containers)
         self.leaves = tuple(leaves)
 
@@ -43,6 +43,39 @@ class MambaTracer(fx.Tracer):
         if self.leaves and isinstance(m, self.leaves):
             return True
         return qualname not in self.containers
+
+
+def _leaf_call(fn):
+    """``fn`` recorded as one ``call_function`` node when called with a Proxy, else called."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        proxies = []
+        fx.node.map_aggregate((args, kwargs), lambda a: proxies.append(a) if isinstance(a, fx.Proxy) else None)
+        if proxies:
+            return proxies[0].tracer.create_proxy("call_function", fn, args, kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapped
+
+
+@contextlib.contextmanager
+def _leaf_functions(namespaces: list[dict], functions: Iterable):
+    """While tracing, the names that hold ``functions`` in ``namespaces`` (module globals)
+    call :func:`_leaf_call` wrappers. (torch.fx's own autowrap skips names starting with ``_``
+    and looks at the root's globals only.)"""
+    wanted = {id(f) for f in functions}
+    saved = []
+    try:
+        for ns in namespaces:
+            for name, value in list(ns.items()):
+                if id(value) in wanted:
+                    saved.append((ns, name, value))
+                    ns[name] = _leaf_call(value)
+        yield
+    finally:
+        for ns, name, value in reversed(saved):
+            ns[name] = value
 
 
 def foreign_functions(modules: Iterable[nn.Module], home: str | None = None) -> tuple[list, list]:
@@ -111,14 +144,21 @@ def _topological(graph: fx.Graph, nodes: list[fx.Node]) -> list[fx.Node]:
     return sorted(nodes, key=order.__getitem__)
 
 
-def trace(model: nn.Module, *, containers: Iterable[str] = (), leaves: tuple[type, ...] = (), autowrap: Iterable = (),
+def trace(model: nn.Module, *, containers: Iterable[str] = ("",), leaves: tuple[type, ...] = (), autowrap: Iterable = (),
           autowrap_modules: Iterable[types.ModuleType] = (), class_name: str | None = None) -> fx.GraphModule:
     """Trace ``model(images)`` (see the module docstring); extra forward arguments take their
-    defaults. Raises :class:`RmeetoError` with one line when the forward cannot be traced."""
+    defaults. ``autowrap``: functions kept whole wherever the traced forwards see them;
+    ``autowrap_modules``: packages whose functions are kept whole. Raises :class:`RmeetoError`
+    with one line when the forward cannot be traced."""
     fixed = _extra_args(model)
-    tracer = MambaTracer(containers or ("",), leaves, autowrap, autowrap_modules)
+    tracer = MambaTracer(containers, leaves)
+    traced = [model.get_submodule(c) for c in containers]
+    namespaces = [vars(m) for m in autowrap_modules] + [getattr(type(m).forward, "__globals__", {}) for m in traced]
+    functions = list(autowrap) + [v for m in autowrap_modules for k, v in vars(m).items()
+                                  if not k.startswith("__") and isinstance(v, (types.FunctionType, types.BuiltinFunctionType))]
     try:
-        graph = tracer.trace(model, concrete_args=fixed or None)
+        with _leaf_functions(namespaces, functions):
+            graph = tracer.trace(model, concrete_args=fixed or None)
     except Exception as e:  # noqa: BLE001 -- any trace failure becomes one line naming where
         raise RmeetoError(_trace_failure(model, e)) from None
     if fixed:
