@@ -65,7 +65,8 @@ def _rows(d: dict) -> list[tuple[str, str]]:
 
 def _official_rows(d: dict) -> list[tuple[str, str]]:
     cfg = d["config"]
-    family = f"{cfg.family} (assumed)" if d["ambiguous"] else cfg.family
+    source = {"args.model": " (from args.model)", "--family": ""}.get(d.get("family_source"), " (assumed)")
+    family = cfg.family + source
     cls = "none (mean pooling)" if d["cls_index"] is None else f"{d['cls_index']} ({d['cls_position']})"
     rows = [
         ("family", family),

@@ -32,6 +32,7 @@ __all__ = [
     "infer_config",
     "load_official",
     "describe_checkpoint",
+    "family_from_model_name",
 ]
 
 log = logging.getLogger(__name__)
@@ -344,18 +345,21 @@ def describe_checkpoint(path, family: str | None = None, ema: bool = False, obj:
     """What ``rmeeto info`` shows of an official checkpoint: the inferred architecture and facts
     about the file (``obj``: its contents, when already read).
 
-    With ``family=None`` a Vim layout is read as Vim and ``ambiguous`` says it could as well be
-    VideoMamba (the two share every key and shape).
+    With ``family=None`` the family is the one the checkpoint's ``args.model`` names (official
+    training checkpoints); without that, a Vim layout is read as Vim and ``ambiguous`` says it
+    could as well be VideoMamba (the two share every key and shape).
     """
     obj = read_checkpoint(path) if obj is None else obj
     info = {"path": str(path), "top_level_keys": [str(k) for k in obj], "has_ema": isinstance(obj.get("model_ema"), dict)}
     info.update(epoch=obj.get("epoch"), model_name=_args_model(obj.get("args")))
     sd, note = extract_state_dict(obj, ema=ema)
-    cfg = infer_config(sd, family or "vim")
-    ambiguous = family is None and cfg.cls_position != "none"
+    named = family_from_model_name(info["model_name"])
+    cfg = infer_config(sd, family or named or "vim")
+    ambiguous = family is None and named is None and cfg.cls_position != "none"
     info.update(
         rmeeto_format=None,
-        family=family,
+        family=family or named,
+        family_source="--family" if family else ("args.model" if named else None),
         config=cfg,
         parameters=sum(v.numel() for v in sd.values()),
         tokens=cfg.num_tokens,
@@ -366,6 +370,16 @@ def describe_checkpoint(path, family: str | None = None, ema: bool = False, obj:
         note=note,
     )
     return info
+
+
+def family_from_model_name(name: str | None) -> str | None:
+    """The family an official training run's ``args.model`` names (``vim_tiny_patch16_224_...`` →
+    ``vim``, ``videomamba_small`` → ``videomamba``); None when it names neither."""
+    low = (name or "").lower()
+    for family in FAMILIES:
+        if low.startswith(family):
+            return family
+    return None
 
 
 def _args_model(args) -> str | None:
