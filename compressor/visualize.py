@@ -9,7 +9,7 @@ from pathlib import Path
 from .convert import ConvertedModel, convert
 from .errors import RmeetoError
 from .loading import as_factory, load_model
-from .merge.visualize import load_images, merge_sources, render_merges
+from .merge.visualize import image_label, load_images, merge_sources, render_merges
 
 __all__ = ["visualize", "VisualizeResult"]
 
@@ -44,5 +44,5 @@ def visualize(ckpt, images, out, recipe=None, family: str = "vim", ema: bool = F
                           "needs an RGB image model whose patches form a square grid")
     rgb, x = load_images(images, layout.img_size)
     sources = merge_sources(gm.eval(), x)
-    path = render_merges(rgb, sources, layout.grid, out, titles=[Path(p).name for p in images])
+    path = render_merges(rgb, sources, layout.grid, out, titles=[image_label(p) for p in images])
     return VisualizeResult(path=path, tokens=sources.shape[1], patches=sources.shape[-1], notes=notes)

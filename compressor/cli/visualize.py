@@ -30,7 +30,7 @@ def visualize(
     model_factory: ModelFactory = None,
     model_kwargs: ModelKwargs = None,
 ):
-    """Paint each final token's patches in one colour beside the image (the paper's Figure 5)."""
+    """Draw each merged token's patches in one colour over the image, titled with its class folder (the paper's Figure 5)."""
     res = run_visualize(ckpt, images, out, recipe=recipe, family=family.value if family else "vim", ema=ema,
                         factory=model_factory, factory_kwargs=model_kwargs)
     for note in res.notes:
