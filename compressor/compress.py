@@ -8,7 +8,6 @@ to the token count.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,12 +15,13 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from ._io import check_out_dir, make_out_dir
 from .convert import ConvertedModel, convert, save_compressed
 from .errors import RmeetoError
 from .merge.schedule import MergeStep, cls_per_layer, reduction_ratio, tokens_per_layer
 from .recipes import Recipe, load_recipe
 
-__all__ = ["compress", "summary_table", "COMPRESSED_NAME"]
+__all__ = ["compress", "resolve_epochs", "summary_table", "COMPRESSED_NAME"]
 
 COMPRESSED_NAME = "compressed.pt"
 
@@ -35,7 +35,7 @@ def compress(
     ema: bool = False,
     factory=None,
     factory_kwargs=None,
-    retrain_epochs: int = 0,
+    retrain_epochs: int | None = None,
     console: Console | None = None,
     quiet: bool = False,
     **kw,
@@ -46,31 +46,34 @@ def compress(
     ``family``/``ema`` select how the official checkpoint is read; ``factory`` (``pkg.module:callable``,
     with ``factory_kwargs``) builds the user's own model class for it instead of rmeeto's, and is
     stored so that the result can be rebuilt. ``extra`` in the file records the
-    source checkpoint, the family and the merge schedule. ``retrain_epochs > 0`` re-trains the
-    merged model (needs ``data=...``). A summary table goes to ``console`` unless ``quiet``.
+    source checkpoint, the family and the merge schedule. ``retrain_epochs``: None re-trains the
+    recipe's epochs when ``data=...`` is given and none without; 0 is training-free; N > 0 needs
+    ``data``. Every input is checked before ``out_dir`` is created. A summary table goes to
+    ``console`` unless ``quiet``.
     """
     from .loading import as_factory, load_model
 
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    if retrain_epochs < 0:
-        raise RmeetoError(f"retrain_epochs must be >= 0, got {retrain_epochs}")
-    if retrain_epochs > 0 and kw.get("data") is None:
-        raise RmeetoError("re-training (--retrain-epochs > 0) needs --data (an ImageFolder dataset); or pass --retrain-epochs 0")
+    epochs = resolve_epochs(retrain_epochs, recipe, kw.get("data"))
+    check_out_dir(out_dir)
     factory = as_factory(factory, factory_kwargs)
     model = load_model(ckpt, family=family, ema=ema, factory=factory)
     if isinstance(model, ConvertedModel):
         raise RmeetoError(f"{ckpt} is already compressed (recipe {model.recipe.name}): pass the original checkpoint")
-    out_dir = _writable_dir(out_dir)
     gm, retrained = convert(model, recipe, factory=factory), None
-    if retrain_epochs > 0:
-        gm, retrained = _retrain(gm, model, recipe, retrain_epochs, out_dir=out_dir, console=console, **kw)
+    if epochs > 0:
+        if not quiet and retrain_epochs is None:
+            (console or Console()).print(f"re-training {epochs} epoch(s), the recipe's ({recipe.name}); "
+                                         "--retrain-epochs 0 writes the training-free model", highlight=False, soft_wrap=True)
+        gm, retrained = _retrain(gm, model, recipe, epochs, out_dir=out_dir, console=console, **kw)
         if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 writes and prints
-            return out_dir / COMPRESSED_NAME
+            return Path(out_dir) / COMPRESSED_NAME
+    out_dir = make_out_dir(out_dir)
     extra = {
         "source_checkpoint": str(Path(ckpt).resolve()),
         "family": model.cfg.family if gm.cfg is not None else "foreign",
         "ema": ema,
-        "retrain_epochs": retrain_epochs,
+        "retrain_epochs": epochs,
         "retrain": retrained,
         "schedule": [asdict(s) for s in gm.steps],
     }
@@ -96,18 +99,16 @@ def _retrain(gm: ConvertedModel, teacher, recipe: Recipe, epochs: int, *, out_di
     return result.model, summary
 
 
-def _writable_dir(out_dir: str | os.PathLike) -> Path:
-    """Create ``out_dir`` if needed and check a file can be written there (before converting and
-    re-training, not after)."""
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
-    except OSError as e:
-        reason = e.strerror or type(e).__name__
-        raise RmeetoError(f"cannot write to output directory {out_dir} ({reason}): choose a writable -o/--out") from None
-    return out_dir
+def resolve_epochs(retrain_epochs: int | None, recipe: Recipe, data) -> int:
+    """Re-training epochs: the recipe's when ``data`` is given and ``retrain_epochs`` is None, 0
+    (training-free) without data; an explicit value as given (N > 0 needs data)."""
+    if retrain_epochs is None:
+        return recipe.retrain.epochs if data is not None else 0
+    if retrain_epochs < 0:
+        raise RmeetoError(f"retrain_epochs must be >= 0, got {retrain_epochs}")
+    if retrain_epochs > 0 and data is None:
+        raise RmeetoError("re-training (--retrain-epochs > 0) needs --data (an ImageFolder dataset); or pass --retrain-epochs 0")
+    return retrain_epochs
 
 
 def summary_table(layout, steps: list[MergeStep], recipe: Recipe, title: str = "") -> Table:

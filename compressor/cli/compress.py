@@ -16,7 +16,7 @@ from .info import Family
 
 @command()
 def compress(
-    ckpt: Annotated[Path, typer.Argument(help="Official Vim/VideoMamba checkpoint (.pth/.pt).", show_default=False)],
+    ckpt: Annotated[Path, typer.Argument(metavar="CKPT", help="Official Vim/VideoMamba checkpoint (.pth/.pt).", show_default=False)],
     out: Annotated[Path, typer.Option("-o", "--out", help="Output directory; compressed.pt is written there.", show_default=False)],
     recipe: Annotated[str, typer.Option(help="Built-in recipe name (rmeeto recipes) or a .toml path.")] = "r031",
     family: Annotated[
@@ -26,8 +26,8 @@ def compress(
     ema: Annotated[bool, typer.Option("--ema", help="Compress the model_ema weights instead of model.")] = False,
     model_factory: ModelFactory = None,
     model_kwargs: ModelKwargs = None,
-    retrain_epochs: Annotated[int, typer.Option(help="Re-training epochs after merging (0: training-free).", min=0)] = 0,
-    data: Annotated[Optional[Path], typer.Option(help="ImageFolder dataset for re-training (with --retrain-epochs).")] = None,
+    retrain_epochs: Annotated[Optional[int], typer.Option(help="Re-training epochs after merging (default: the recipe's with --data, none without; 0: training-free).", min=0, show_default=False)] = None,
+    data: Annotated[Optional[Path], typer.Option(help="ImageFolder dataset (DIR/train, DIR/val) to re-train on.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Re-training batch per process (default: the recipe's).", min=1)] = None,
     lr: Annotated[Optional[float], typer.Option(help="Base lr for a global batch of 512, scaled linearly (default: the recipe's).")] = None,
     distill: Annotated[
@@ -38,9 +38,9 @@ def compress(
     workers: Annotated[Optional[int], typer.Option(help="Data loader worker processes (default: the recipe's).", min=0)] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed of the re-training run (default: the recipe's).", min=0)] = None,
 ):
-    """Merge tokens: convert the model with a recipe and write OUT/compressed.pt; with
-    --retrain-epochs N also re-train it (OUT/ gets best.pt, checkpoint.pt, log.jsonl, summary.md).
-    Options given here override the recipe's re-training settings."""
+    """Merge tokens: convert the model with a recipe and write OUT/compressed.pt; with --data also
+    re-train it (the recipe's epochs, or --retrain-epochs N; OUT/ gets best.pt, checkpoint.pt,
+    log.jsonl, summary.md). Options given here override the recipe's re-training settings."""
     path = run_compress(
         ckpt, recipe, out, family=family.value if family else "vim", ema=ema, factory=model_factory, factory_kwargs=model_kwargs,
         retrain_epochs=retrain_epochs,

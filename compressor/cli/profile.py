@@ -56,7 +56,7 @@ def _ints(option: str, text: str) -> tuple[int, ...]:
 
 @command()
 def profile(
-    ckpt: Annotated[Optional[Path], typer.Argument(metavar="[CKPT]", help="Compressed (rmeeto) or official checkpoint.", show_default=False)] = None,
+    ckpt: Annotated[Optional[Path], typer.Argument(metavar="CKPT", help="Compressed (rmeeto) or official checkpoint (or --model NAME).", show_default=False)] = None,
     out: Annotated[Path, typer.Option("-o", "--out", help="Folder for report.json, report.md and the plots.")] = Path("report"),
     baseline: Annotated[Optional[Path], typer.Option(help="Baseline checkpoint (default: CKPT's weights without merging).", show_default=False)] = None,
     recipes: Annotated[Optional[str], typer.Option(help="Comma-separated recipes applied training-free to the baseline, e.g. r014,r031,r056.", show_default=False)] = None,

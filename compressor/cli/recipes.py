@@ -19,6 +19,7 @@ recipes_app = typer.Typer(
     help="Built-in re-training recipes: list them, or show one's token schedule and FLOPs.",
     invoke_without_command=True,
     add_completion=False,
+    rich_markup_mode=None,  # as the main app (compressor.cli._app)
 )
 app.add_typer(recipes_app, name="recipes")
 

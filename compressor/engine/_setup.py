@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .._io import atomic_write_text
+from .._io import check_out_dir as _check_writable
 from ..errors import RmeetoError
 from ._build import amp_settings, build_optimizer, build_scheduler, prepare_teacher, scaled_lr
 from ._state import FitResult, RunLog, TrainState
@@ -24,35 +23,32 @@ CHECKPOINT, COMPRESSED, BEST, LOG, SUMMARY = "checkpoint.pt", "compressed.pt", "
 
 
 def check_out_dir(out_dir, resume: bool) -> Path:
-    """``out_dir`` exists (created) and is writable; without ``resume`` it must not hold a run."""
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".rmeeto-write-test.", dir=out)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise RmeetoError(f"cannot write to the output directory {out} ({e.strerror}): choose a writable one with -o") from None
+    """``out_dir`` can be written (nothing is created: :func:`make_out_dir` does it once every
+    other check has passed); without ``resume`` it must not hold a run."""
+    out = _check_writable(out_dir)
     if not resume and (out / CHECKPOINT).exists():
         raise RmeetoError(
-            f"{out} already holds a re-training run ({CHECKPOINT}): pass --resume to continue it, or choose another output directory"
+            f"{out} already holds a re-training run ({CHECKPOINT}): continue it with --resume (a different --batch-size "
+            f"is fine), or start over with another -o or after deleting {out / CHECKPOINT}"
         )
     return out
 
 
-def load_resume(path: Path, recipe, arch: dict, world_size: int) -> dict:
+def load_resume(path: Path, recipe, arch: dict, world_size: int) -> tuple[dict, dict]:
     """The checkpoint to resume from, checked to belong to this run (same model, recipe and
-    number of processes: the per-process batch and the data shards depend on it)."""
+    number of processes: the data shards and RNG streams depend on it), and the settings that
+    changed and are applied on resume (``{"batch_size": (old, new)}``)."""
     from ..recipes import recipe_to_dict
 
     ckpt = load_checkpoint(path)
-    check_resumable(ckpt, recipe_to_dict(recipe), arch, path)
+    changed = check_resumable(ckpt, recipe_to_dict(recipe), arch, path)
     if ckpt.get("world_size", 1) != world_size:
         raise RmeetoError(
             f"cannot resume from {path}: it was written by {ckpt.get('world_size')} process(es), this run has {world_size}; "
-            "resume with the same number of processes"
+            f"resume with {ckpt.get('world_size')} process(es) (torchrun --nproc_per_node), or start a new run: another -o, "
+            f"or delete {path}"
         )
-    return ckpt
+    return ckpt, changed
 
 
 def seed_everything(seed: int) -> None:
@@ -103,12 +99,16 @@ def describe(state: TrainState, recipe, steps: int) -> str:
     )
 
 
-def restore_state(state: TrainState, ckpt: dict, recipe, run: RunLog, reporter, path: Path) -> tuple[int, tuple[float, int]]:
+def restore_state(state: TrainState, ckpt: dict, recipe, run: RunLog, reporter, path: Path, *, steps: int,
+                  samples: int, changed: dict | None = None) -> tuple[int, tuple[float, int]]:
     """Load a checkpoint into ``state`` and ``run``; returns where the interrupted epoch
-    resumes (batches done, (loss sum, rank-batches))."""
+    resumes (batches done, (loss sum, rank-batches)). ``steps``: batches per epoch now;
+    ``samples``: training samples per process and epoch. ``changed["batch_size"] = (old, new)``:
+    the schedule is the one rebuilt for the new batch (lr rescaled, new steps per epoch), set to
+    the same point of the run, and the interrupted epoch continues after the images it had done
+    (rounded down to a whole new batch)."""
     state.student.load_state_dict(ckpt["model"])
     state.optimizer.load_state_dict(ckpt["optimizer"])
-    state.scheduler.load_state_dict(ckpt["scheduler"])
     if state.scaler is not None and ckpt.get("scaler"):
         state.scaler.load_state_dict(ckpt["scaler"])
     if state.ema is not None and ckpt.get("ema"):
@@ -118,12 +118,29 @@ def restore_state(state: TrainState, ckpt: dict, recipe, run: RunLog, reporter, 
     run.best_top1, run.best_epoch, run.elapsed = float(ckpt["best_top1"]), int(ckpt["best_epoch"]), float(ckpt["elapsed"])
     restore_rng(ckpt["rng"][state.dist.rank])  # same world size: checked by load_resume
     start = int(ckpt.get("step_in_epoch", 0))
+    if changed and "batch_size" in changed:
+        old, new = changed["batch_size"]
+        start = start * old // new
+        state.step = state.epoch * steps + start
+        reporter.line(_rescale_line(recipe, old, new, state.dist.world_size, samples // old, steps))
+    else:
+        state.scheduler.load_state_dict(ckpt["scheduler"])
+    state.scheduler.step_update(state.step)  # the lr of the step the run continues at
     where = f"step {start} of epoch {state.epoch + 1}" if start else f"the end of epoch {state.epoch}"
     reporter.line(f"resuming {path} from {where} ({state.epochs} epochs planned)")
     if state.dist.is_main:
         _write_log(path.parent, run)  # drop lines a killed run wrote after its last checkpoint
     loss_sum, batches = ckpt.get("epoch_loss", (0.0, 0))
     return start, (float(loss_sum), int(batches))
+
+
+def _rescale_line(recipe, old: int, new: int, world: int, old_steps: int, new_steps: int) -> str:
+    rt = recipe.retrain
+    return (
+        f"batch {new} instead of the checkpoint's {old}: lr {scaled_lr(rt.lr, old, world):.3g} -> "
+        f"{scaled_lr(rt.lr, new, world):.3g} (base {rt.lr:g} per 512, scaled linearly), {old_steps} -> {new_steps} steps "
+        "per epoch; the interrupted epoch continues after the images it had done"
+    )
 
 
 def save_training_checkpoint(out: Path, state: TrainState, recipe, run: RunLog, *, step_in_epoch: int = 0,

@@ -19,8 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import RmeetoError
-from ._progress import Reporter, StopFlag
-from ._build import make_student
+from .._io import make_out_dir
+from ._build import lr_warning, make_student
+from ._progress import Reporter, StopFlag, fmt_rate
 from ._setup import (CHECKPOINT, check_out_dir, describe, finish, load_resume, new_state, restore_state, save_outputs,
                      save_training_checkpoint, seed_everything)
 from ._state import FitResult, RunLog, TrainState
@@ -105,12 +106,16 @@ def train_one_epoch(state: TrainState, loader, epoch: int, *, reporter: Reporter
     world_batch = loader.batch_size * state.dist.world_size
     total, n, stop = carry[0], carry[1], False
     reporter.start_epoch(epoch, state.epochs, steps, start)
-    t0 = time.perf_counter()
+    t0 = last = time.perf_counter()
     for images, targets in loader:
         loss_sum += train_step(state, images, targets)
         done, mine = done + 1, mine + 1
-        # the local stop flag is only acted on at agreed points when several ranks run
-        if done % state.log_every == 0 or done == steps or (state.stop.requested and not state.dist.enabled):
+        # the local stop flag (and the clock: ranks would disagree) is only acted on at agreed
+        # points when several ranks run; one process also reports every reporter.interval_s
+        alone = not state.dist.enabled
+        due = alone and (state.stop.requested or time.perf_counter() - last >= reporter.interval_s)
+        if done % state.log_every == 0 or done == steps or due:
+            last = time.perf_counter()
             part, count, stop = _agree(state, loss_sum, mine)
             total, n = carry[0] + part, carry[1] + count  # n counts rank-batches
             if not math.isfinite(total):
@@ -189,7 +194,7 @@ def fit(student, teacher, recipe, data_dir, out_dir, *, epochs=None, batch_size=
     d = init_distributed(device)
     reporter = Reporter(enabled=d.is_main, console=console)
     try:
-        with StopFlag(reporter) as stop:
+        with reporter, StopFlag(reporter) as stop:
             return _fit(student, teacher, recipe, data_dir, out_dir, d, reporter, stop, resume=resume,
                         log_every=max(1, log_every), no_aug=no_aug)
     except KeyboardInterrupt:
@@ -202,18 +207,26 @@ def fit(student, teacher, recipe, data_dir, out_dir, *, epochs=None, batch_size=
 
 
 def _fit(student, teacher, recipe, data_dir, out_dir, d, reporter, stop, *, resume, log_every, no_aug) -> FitResult:
-    out = check_out_dir(out_dir, resume)
+    # every check first (data, output folder, resume, loaders), the output folder created after
     student = make_student(student if student is not None else teacher, recipe)
     spec = check_data_dir(data_dir, num_classes=student.layout.num_classes)
-    ckpt = load_resume(out / CHECKPOINT, recipe, student.source(), d.world_size) if resume else None
+    out = check_out_dir(out_dir, resume)
+    ckpt, changed = load_resume(out / CHECKPOINT, recipe, student.source(), d.world_size) if resume else (None, {})
     state, (train_loader, val_loader), teacher = new_state(student, teacher, recipe, spec, d, stop,
                                                            log_every=log_every, no_aug=no_aug)
+    if d.is_main:
+        make_out_dir(out)
+    d.barrier()
     steps = len(train_loader)
     reporter.line(describe(state, recipe, steps))
+    warning = lr_warning(recipe.retrain, d.world_size)
+    if warning:
+        reporter.line(f"[yellow]{warning}[/yellow]")
     run, start, carry = RunLog(), 0, (0.0, 0)
     t_begin = time.perf_counter()
     if ckpt is None:
         seed_everything(recipe.retrain.seed + d.rank)
+        reporter.status("evaluating the original and the merged model before re-training")
         run.baseline = {  # the summary's first two rows; stored, so a resume does not redo them
             "original": evaluate(teacher, val_loader, device=d.device, amp_dtype=state.amp_dtype, dist=d),
             "training_free": evaluate(state.student, val_loader, device=d.device, amp_dtype=state.amp_dtype, dist=d),
@@ -221,7 +234,8 @@ def _fit(student, teacher, recipe, data_dir, out_dir, d, reporter, stop, *, resu
         reporter.line(_baseline_line(run.baseline))
         save_training_checkpoint(out, state, recipe, run)  # epoch 0: a NaN in epoch 1 still leaves one
     else:
-        start, carry = restore_state(state, ckpt, recipe, run, reporter, out / CHECKPOINT)
+        start, carry = restore_state(state, ckpt, recipe, run, reporter, out / CHECKPOINT, steps=steps,
+                                     samples=len(train_loader.sampler), changed=changed)
     t_session = t_begin - run.elapsed  # wall time accumulates over resumed sessions
     for epoch in range(state.epoch, state.epochs):
         _set_epoch(train_loader, epoch, start, recipe.retrain.seed, d.rank)
@@ -241,6 +255,7 @@ def _fit(student, teacher, recipe, data_dir, out_dir, d, reporter, stop, *, resu
             raise TrainingInterrupted(
                 f"stopped at epoch {epoch + 1}, step {result.done}/{steps}: saved {out / CHECKPOINT}; continue with --resume"
             )
+        reporter.status(f"evaluating after epoch {epoch + 1}")
         metrics = evaluate(state.student, val_loader, device=d.device, amp_dtype=state.amp_dtype, dist=d)
         record = _record(epoch, result, metrics, time.perf_counter() - t_epoch, time.perf_counter() - t_session)
         if state.ema is not None:
@@ -253,6 +268,7 @@ def _fit(student, teacher, recipe, data_dir, out_dir, d, reporter, stop, *, resu
             run.best_top1, run.best_epoch = metrics["top1"], epoch + 1
         save_outputs(out, state, recipe, run, best=improved)
         reporter.line(_epoch_line(record, state.epochs))
+        reporter.status("")
         if d.all_reduce([float(stop.requested)], op="max")[0] > 0:  # all ranks stop together
             raise TrainingInterrupted(f"stopped after epoch {epoch + 1}: saved {out / CHECKPOINT}; continue with --resume")
     return finish(out, state, recipe, run, reporter)
@@ -279,7 +295,7 @@ def _epoch_line(rec: dict, epochs: int) -> str:
     return (
         f"epoch {rec['epoch']}/{epochs}  train loss {rec['train_loss']:.4f}  lr {rec['lr']:.2e}  "
         f"val top-1 {rec['val_top1']:.2f}  top-5 {rec['val_top5']:.2f}  loss {rec['val_loss']:.4f}  "
-        f"{rec['images_per_s']:.0f} img/s  {rec['time_s']:.1f}s"
+        f"{fmt_rate(rec['images_per_s'])} img/s  {rec['time_s']:.1f}s"
     )
 
 
