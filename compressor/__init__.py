@@ -1,7 +1,6 @@
 """rmeeto: R-MeeTo token merging for Vision Mamba (convert, re-train, export, profile)."""
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .errors import RmeetoError  # noqa: E402
 from .models import VimConfig, VisionMamba, create_model, list_models, set_backend  # noqa: E402
 from .recipes import Recipe, load_recipe  # noqa: E402

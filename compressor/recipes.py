@@ -64,7 +64,7 @@ RECIPES_DIR = Path(__file__).resolve().parent / "builtin_recipes"  # package dat
 
 @dataclass(frozen=True)
 class RetrainConfig:
-    """The ``[retrain]`` table: the paper's re-training recipe (docs: rmeeto-spec.md).
+    """The ``[retrain]`` table: the paper's re-training recipe (docs/recipes.md).
 
     ``lr`` is the base learning rate for a global batch of 512, scaled linearly by
     ``batch_size * world_size / 512``; ``batch_size`` is per process. ``auto_augment = ""``

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from compressor import __version__
 from compressor.models import create_model
 from compressor.recipes import list_recipe_names
 
@@ -52,6 +53,7 @@ def wheel(tmp_path_factory) -> Path:
 
 
 def test_wheel_ships_the_builtin_recipes(wheel):
+    assert wheel.name.startswith(f"rmeeto-{__version__}-")  # pyproject reads compressor/_version.py
     names = zipfile.ZipFile(wheel).namelist()
     shipped = sorted(Path(n).stem for n in names if n.startswith("compressor/builtin_recipes/") and n.endswith(".toml"))
     assert shipped == list_recipe_names() and "r031" in shipped

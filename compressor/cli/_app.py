@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from .. import __version__
+from .._version import __version__
 from ..errors import RmeetoError
 
 app = typer.Typer(

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 from google.protobuf.message import DecodeError
 
-from .. import __version__
+from .._version import __version__
 from .._io import atomic_write
 from ..errors import RmeetoError, ShapeError
 from ..merge.schedule import tokens_per_layer

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__, ops
+from .. import ops
+from .._version import __version__
 
 __all__ = ["hardware_info"]
 
