@@ -57,7 +57,7 @@ def _merge_summary(r: Recipe) -> str:
 @user_errors
 def show(
     recipe: Annotated[str, typer.Argument(help="Built-in recipe name or path to a .toml recipe.")],
-    model: Annotated[str, typer.Option(help="Registered model name (rmeeto info lists them).")] = "vim_small",
+    model: Annotated[str, typer.Option(help="Registered model name (rmeeto models lists them).")] = "vim_small",
     img_size: Annotated[Optional[int], typer.Option(help="Input resolution (default: the model's).")] = None,
     graph: Annotated[bool, typer.Option("--graph", help="Also print the converted torch.fx graph (the code it runs).")] = False,
 ):
