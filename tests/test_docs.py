@@ -138,3 +138,10 @@ def test_documented_commands_run(workdir):
     for report in ("report", "free"):
         assert (workdir / "out" / report / "report.json").is_file() and (workdir / "out" / report / "throughput.png").is_file()
     assert (workdir / "out" / "merges.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_help_fits_80_columns_without_cutting_words(command):
+    res = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "80"})
+    assert res.exit_code == 0, res.output
+    assert "…" not in res.output and max(map(len, res.output.splitlines())) <= 80, res.output

@@ -112,3 +112,25 @@ def test_reports_say_within_noise_instead_of_the_number():
     md = to_markdown(_report(False, False))
     tables = md.split("## Speed")[1].split("## Tokens per layer")[0]
     assert "| x1.03 |" in tables and "-10.6% (hooks)" in tables and "within noise" not in tables
+
+
+def test_progress_view_prints_each_new_step_with_an_eta_in_logs():
+    import io
+
+    from rich.console import Console
+
+    from compressor.cli import _progress
+
+    clock = iter([0.0, 10.0, 20.0])
+    buf = io.StringIO()
+    with _progress.ProgressView(Console(file=buf, width=200), tty=False, clock=lambda: next(clock)) as view:  # t0 = 0
+        view.update("baseline: eager, batch 2", 0.0, 4)  # printed at t=10, no estimate yet
+        view.update("baseline: eager, batch 2", 0.5, 4)  # same step: not printed again
+        view.update("compressed: eager, batch 2", 1.0, 4)  # t=20: 1 of 4 in 20 s -> 60 s left
+    lines = buf.getvalue().splitlines()
+    assert lines == ["[0:10] 0/4 baseline: eager, batch 2", "[0:20] 1/4 compressed: eager, batch 2  eta 1:00"]
+
+    with _progress.ProgressView(Console(file=io.StringIO(), force_terminal=True), tty=True) as view:
+        view.update("compressed: eager, batch 2", 1.5, 4)
+        task = view._progress.tasks[0]
+        assert (task.description, task.completed, task.total) == ("compressed: eager, batch 2", 1.5, 4)

@@ -16,15 +16,16 @@ __all__ = ["ProgressView"]
 class ProgressView:
     """``with ProgressView(console) as view: work(progress=view.update)``."""
 
-    def __init__(self, console: Console, tty: bool | None = None):
+    def __init__(self, console: Console, tty: bool | None = None, clock=time.perf_counter):
         self.console = console
         self.tty = console.is_terminal if tty is None else tty
+        self._clock = clock
         self._progress = self._task = None
         self._last = ""
-        self._t0 = time.perf_counter()
+        self._t0 = 0.0
 
     def __enter__(self):
-        self._t0 = time.perf_counter()
+        self._t0 = self._clock()
         if self.tty:
             from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -41,11 +42,6 @@ class ProgressView:
             self._progress.stop()
         return False
 
-    def eta(self, done: float, total: float) -> float | None:
-        """Seconds left at the average pace so far (None before any progress)."""
-        elapsed = time.perf_counter() - self._t0
-        return elapsed * (total - done) / done if done > 0 else None
-
     def update(self, description: str, done: float, total: float) -> None:
         if self._progress is not None:
             self._progress.update(self._task, description=description, completed=done, total=total)
@@ -53,9 +49,7 @@ class ProgressView:
         if description == self._last:
             return
         self._last = description
-        eta = self.eta(done, total)
-        self.console.print(
-            f"[{fmt_duration(time.perf_counter() - self._t0)}] {done:.0f}/{total:g} {description}"
-            + (f"  eta {fmt_duration(eta)}" if eta is not None else ""),
-            highlight=False, soft_wrap=True,
-        )
+        elapsed = self._clock() - self._t0
+        eta = f"  eta {fmt_duration(elapsed * (total - done) / done)}" if done > 0 else ""  # at the pace so far
+        self.console.print(f"[{fmt_duration(elapsed)}] {done:.0f}/{total:g} {description}{eta}", highlight=False,
+                           soft_wrap=True, markup=False)
