@@ -6,7 +6,7 @@ from rich import box
 from rich.table import Table
 
 from ..models.registry import get_config, list_models
-from ..profile import count_flops
+from ..flops import count_flops
 from ._app import command, console
 
 
