@@ -22,7 +22,8 @@ from compressor.cli import app
 from compressor.engine import TrainingInterrupted, fit, load_checkpoint
 from compressor.engine._build import lr_warning
 from compressor.engine._progress import Reporter, fmt_rate
-from compressor.models import create_model, load_model
+from compressor import load_model
+from compressor.models import create_model
 from compressor.recipes import load_recipe, with_overrides
 from helpers import make_image_folder
 
