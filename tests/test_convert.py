@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from timm.layers import DropPath
 
 from compressor.convert import convert, save_compressed
 from compressor.errors import RecipeError, ShapeError
 from compressor.merge import MergeConfig, MergeStep, TokenMerge
 from compressor import load_model
 from compressor.models import VimConfig, VisionMamba, create_model
+from compressor.models.vim import DropPath
 from compressor.recipes import Recipe, load_recipe
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"

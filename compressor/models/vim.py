@@ -12,12 +12,32 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, trunc_normal_
+from torch.nn.init import trunc_normal_
 
 from .. import ops
 from .config import VimConfig
 
-__all__ = ["VisionMamba", "BiMambaMixer", "Block", "RMSNorm", "TokenReadout", "set_backend"]
+__all__ = ["VisionMamba", "BiMambaMixer", "Block", "DropPath", "RMSNorm", "TokenReadout", "set_backend"]
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: in training, zero each sample's branch with probability ``p`` and scale
+    the kept ones by ``1 / (1 - p)``; the identity in eval mode. (Defined here rather than taken
+    from timm: importing timm.layers costs seconds at start-up, for one line of arithmetic.)"""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask.div_(keep) if keep > 0.0 else x * mask
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
 
 class RMSNorm(nn.Module):
