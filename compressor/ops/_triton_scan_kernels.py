@@ -1,0 +1,265 @@
+"""Triton kernels of the bidirectional selective scan (forward and backward).
+
+Plain functions: :mod:`compressor.ops._triton_bimamba` JIT-compiles them for CUDA or runs them
+in Triton's CPU interpreter. This module imports Triton unconditionally and has no
+``from __future__ import annotations`` (the interpreter re-reads the ``tl.constexpr``
+annotations from the source), so only import it where Triton is present.
+
+Layout: channel-last tensors (``(b, l, channels)``). A program owns ``BD`` channels of one image,
+one channel per thread: the thread keeps that channel's ``N`` states in registers as an
+``(NA, NB)`` tile (state ``n = a * NB + b``, so that B and C rows arrive as ``NB``-wide vector
+loads), and walks the sequence step by step, ``U`` steps unrolled per loop iteration so that
+their loads and exponentials are issued ahead of the dependent state updates. The per-step
+cost is the same at every length: no tile padding, no power-of-two length.
+
+Both directions advance together (step ``s`` of each per iteration: twice the independent work
+per step, half the sequential steps); the reverse direction reads token ``l - 1 - s`` instead of
+a flipped copy. Everything accumulates in fp32. The unit channel stride ``s_1`` is passed at
+run time (not specialised) so that Triton keeps one layout for every tile (channels across lanes
+and warps, states within a thread) instead of vectorising channel loads and shuffling.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _softplus(v):
+    """``log1p(exp(v))`` with torch's threshold 20; accurate for very negative ``v``."""
+    e = tl.exp(tl.minimum(v, 20.0))
+    u = 1.0 + e
+    lp = tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0)))
+    return tl.where(v > 20.0, v, lp)
+
+
+@triton.jit
+def _silu(v):
+    return v / (1.0 + tl.exp(-v))
+
+
+@triton.jit
+def _state_index(N: tl.constexpr, NB: tl.constexpr):
+    """``(NA, NB, 1)`` state indices ``n = a * NB + b``."""
+    return tl.arange(0, N // NB)[:, None, None] * NB + tl.arange(0, NB)[None, :, None]
+
+
+@triton.jit
+def _step_inputs(u_base, dt_base, bc_base, bias, t, ok, d_ok, s_ul, K: tl.constexpr, N: tl.constexpr):
+    """Token ``t``'s inputs: ``u, v, dl: (BD,)`` fp32 (``v`` = Δ + bias, ``dl`` = softplus(v),
+    0 when ``not ok``) and ``B, C: (NA, NB, BD)`` fp32 (equal along channels)."""
+    m = d_ok & ok
+    u = tl.load(u_base + t * s_ul, mask=m, other=0.0).to(tl.float32)
+    v = tl.load(dt_base + t * s_ul, mask=m, other=0.0).to(tl.float32) + bias
+    dl = tl.where(m, _softplus(v), 0.0)  # padding: decay 1, input 0, the state passes through
+    bm = tl.load(bc_base + t * K, mask=ok, other=0.0).to(tl.float32)
+    cm = tl.load(bc_base + N + t * K, mask=ok, other=0.0).to(tl.float32)
+    return u, v, dl, bm, cm
+
+
+@triton.jit
+def _step(h, u, dl, bm, cm, a2, dskip):
+    """One step: ``h = exp(Δ A) h + Δ u B``, ``p = C.h + D u``."""
+    a = tl.exp2(dl[None, None, :] * a2)
+    h = a * h + (dl * u)[None, None, :] * bm
+    return h, tl.sum(tl.sum(h * cm, axis=0), axis=0) + dskip * u
+
+
+def scan_fwd_kernel(u_ptr, dtf_ptr, dtb_ptr, bcf_ptr, bcb_ptr, alogf_ptr, alogb_ptr, dskipf_ptr, dskipb_ptr,
+                    biasf_ptr, biasb_ptr, z_ptr, y_ptr, psum_ptr, hs_ptr,
+                    L, E, n_chunks, s_udir, s_ub, s_ul, s_zb, s_zl, s_yb, s_yl, s_1, s_an, s_hdir, scale,
+                    STORE_PSUM: tl.constexpr, STORE_STATES: tl.constexpr, N: tl.constexpr, NB: tl.constexpr,
+                    K: tl.constexpr, R: tl.constexpr, BD: tl.constexpr, U: tl.constexpr):
+    """Grid ``(b, cdiv(e, BD))``, ``BD // 32`` warps.
+
+    ``u: (2, b, l, e)`` conv outputs of both directions (``s_udir`` apart); ``dt{f,b}:
+    (b, l, e)`` Δ before its bias (strides of ``u``); ``bc{f,b}: (b, l, K)`` contiguous x_proj
+    outputs (``K = R + 2N``; B at column ``R``, C at ``R + N``); ``z, y, psum: (b, l, e)``;
+    ``A_log: (e, N)``; ``hs: (2, b, e, n_chunks, N)`` fp32 states entering each group of ``U``
+    steps (for the backward). ``y = silu(z) * scale * (y_f + y_b)``; ``psum``: the same before
+    the gate.
+
+    Token ``t`` is reached by the forward direction at step ``t`` and by the backward one at
+    step ``l - 1 - t``; the first to reach it stores its part of ``y``, the second adds its
+    own, gates and stores (same thread: no barrier)."""
+    pid_b = tl.program_id(0)
+    d = tl.program_id(1) * BD + tl.arange(0, BD)
+    d_ok = d < E
+    n = _state_index(N, NB)
+    a2f = -tl.exp(tl.load(alogf_ptr + d[None, None, :] * s_an + n * s_1, mask=d_ok[None, None, :], other=0.0).to(tl.float32)) * LOG2E
+    a2b = -tl.exp(tl.load(alogb_ptr + d[None, None, :] * s_an + n * s_1, mask=d_ok[None, None, :], other=0.0).to(tl.float32)) * LOG2E
+    dskipf = tl.load(dskipf_ptr + d * s_1, mask=d_ok, other=0.0).to(tl.float32)
+    dskipb = tl.load(dskipb_ptr + d * s_1, mask=d_ok, other=0.0).to(tl.float32)
+    biasf = tl.load(biasf_ptr + d * s_1, mask=d_ok, other=0.0).to(tl.float32)
+    biasb = tl.load(biasb_ptr + d * s_1, mask=d_ok, other=0.0).to(tl.float32)
+    uf_base = u_ptr + pid_b.to(tl.int64) * s_ub + d * s_1
+    ub_base = uf_base + s_udir
+    dtf_base = dtf_ptr + pid_b.to(tl.int64) * s_ub + d * s_1
+    dtb_base = dtb_ptr + pid_b.to(tl.int64) * s_ub + d * s_1
+    z_base = z_ptr + pid_b.to(tl.int64) * s_zb + d * s_1
+    y_base = y_ptr + pid_b.to(tl.int64) * s_yb + d * s_1
+    ps_base = psum_ptr + pid_b.to(tl.int64) * s_yb + d * s_1
+    bc_row = (pid_b * L).to(tl.int64) * K + R + n + d[None, None, :] * 0  # NB contiguous, rows 16-byte aligned
+    hs_off = (pid_b * E + d[None, None, :]).to(tl.int64) * n_chunks * N + n
+    hf = tl.zeros([N // NB, NB, BD], dtype=tl.float32)
+    hb = tl.zeros([N // NB, NB, BD], dtype=tl.float32)
+    for c in range(0, n_chunks):
+        if STORE_STATES:
+            tl.store(hs_ptr + hs_off + c * N, hf, mask=d_ok[None, None, :])
+            tl.store(hs_ptr + s_hdir + hs_off + c * N, hb, mask=d_ok[None, None, :])
+        for k in tl.static_range(U):
+            s = c * U + k
+            ok = s < L
+            tf = s
+            tb = L - 1 - s
+            u, v, dl, bm, cm = _step_inputs(uf_base, dtf_base, bcf_ptr + bc_row, biasf, tf, ok, d_ok, s_ul, K, N)
+            hf, pf = _step(hf, u, dl, bm, cm, a2f, dskipf)
+            u, v, dl, bm, cm = _step_inputs(ub_base, dtb_base, bcb_ptr + bc_row, biasb, tb, ok, d_ok, s_ul, K, N)
+            hb, pb = _step(hb, u, dl, bm, cm, a2b, dskipb)
+            pf = pf * scale
+            pb = pb * scale
+            m = d_ok & ok
+            first = m & (tf < tb)  # each direction comes first on its own half
+            second = m & (tf > tb)
+            mid = m & (tf == tb)
+            # forward direction at token tf: its own half first, the other half second, the middle both
+            tot = pf + tl.load(y_base + tf * s_yl, mask=second, other=0.0).to(tl.float32) + tl.where(mid, pb, 0.0)
+            g = _silu(tl.load(z_base + tf * s_zl, mask=second | mid, other=0.0).to(tl.float32))
+            if STORE_PSUM:
+                tl.store(ps_base + tf * s_yl, tot.to(psum_ptr.dtype.element_ty), mask=second | mid)
+            tl.store(y_base + tf * s_yl, tl.where(first, pf, tot * g).to(y_ptr.dtype.element_ty), mask=m)
+            # backward direction at token tb (the middle is done)
+            tot = pb + tl.load(y_base + tb * s_yl, mask=second, other=0.0).to(tl.float32)
+            g = _silu(tl.load(z_base + tb * s_zl, mask=second, other=0.0).to(tl.float32))
+            if STORE_PSUM:
+                tl.store(ps_base + tb * s_yl, tot.to(psum_ptr.dtype.element_ty), mask=second)
+            tl.store(y_base + tb * s_yl, tl.where(first, pb, tot * g).to(y_ptr.dtype.element_ty), mask=first | second)
+
+
+@triton.jit
+def _bwd_group(u_base, dt_base, bc_base, dbc_base, du_base, ddt_base, dy_base, z_base, h0, a2, bias, dskip,
+               g, a_next, dA, dD, dbias, c, d_ok, L, s_ul, s_yl, s_zl, scale,
+               REVERSE: tl.constexpr, N: tl.constexpr, K: tl.constexpr, U: tl.constexpr):
+    """Group ``c`` (steps ``c*U .. c*U + U - 1`` in scan order) of one direction's backward.
+
+    ``g``: gradient of the state after the group's last step coming from later steps, ``a_next``
+    the decay of the step after the group. Recomputes the group's states from ``h0`` (a tuple of
+    ``U + 1`` register tiles), then walks the steps backwards: ``g_t = C_t dp_t + a_{t+1} g_{t+1}``. Stores ``du``
+    and ``dΔ``, adds ``dB, dC`` summed over this program's channels into ``dbc``; returns the
+    carries and running sums."""
+    hs = (h0,)
+    for k in tl.static_range(U):  # recompute the states: hs[k] enters step k
+        s = c * U + k
+        if REVERSE:
+            t = L - 1 - s
+        else:
+            t = s
+        u, v, dl, bm, cm = _step_inputs(u_base, dt_base, bc_base, bias, t, s < L, d_ok, s_ul, K, N)
+        h0, _ = _step(h0, u, dl, bm, cm, a2, dskip)
+        hs = hs + (h0,)
+    for kk in tl.static_range(U):
+        k = U - 1 - kk
+        s = c * U + k
+        ok = s < L
+        if REVERSE:
+            t = L - 1 - s
+        else:
+            t = s
+        m = d_ok & ok
+        u, v, dl, bm, cm = _step_inputs(u_base, dt_base, bc_base, bias, t, ok, d_ok, s_ul, K, N)
+        dp = tl.load(dy_base + t * s_yl, mask=m, other=0.0).to(tl.float32) * \
+            _silu(tl.load(z_base + t * s_zl, mask=m, other=0.0).to(tl.float32)) * scale
+        a = tl.exp2(dl[None, None, :] * a2)
+        ah = a * hs[k]  # a_t h_{t-1}
+        h = hs[k + 1]
+        g = cm * dp[None, None, :] + a_next * g
+        a_next = a
+        gb = tl.sum(tl.sum(g * bm, axis=0), axis=0)
+        gah = tl.sum(tl.sum(g * ah * a2, axis=0), axis=0) * LN2  # A = a2 ln 2
+        dv = (u * gb + gah) * tl.where(v > 20.0, 1.0, 1.0 / (1.0 + tl.exp(-v)))  # softplus' = sigmoid
+        dv = tl.where(m, dv, 0.0)
+        tl.store(du_base + t * s_ul, (dl * gb + dskip * dp).to(du_base.dtype.element_ty), mask=m)
+        tl.store(ddt_base + t * s_ul, dv.to(ddt_base.dtype.element_ty), mask=m)
+        tl.atomic_add(dbc_base + t * (2 * N), tl.sum(g * (dl * u)[None, None, :], axis=2, keep_dims=True), mask=ok, sem="relaxed")
+        tl.atomic_add(dbc_base + N + t * (2 * N), tl.sum(h * dp[None, None, :], axis=2, keep_dims=True), mask=ok, sem="relaxed")
+        dA += g * ah * dl[None, None, :]
+        dD += dp * u
+        dbias += dv
+    return g, a_next, dA, dD, dbias
+
+
+def scan_bwd_kernel(u_ptr, dtf_ptr, dtb_ptr, bcf_ptr, bcb_ptr, alogf_ptr, alogb_ptr, dskipf_ptr, dskipb_ptr,
+                    biasf_ptr, biasb_ptr, z_ptr, psum_ptr, hs_ptr, dy_ptr,
+                    du_ptr, ddt_ptr, dz_ptr, dbc_ptr, dA_ptr, dD_ptr, dbias_ptr,
+                    L, E, n_chunks, s_udir, s_ub, s_ul, s_zb, s_zl, s_yb, s_yl, s_dzb, s_dzl, s_1, s_an, s_hdir, scale,
+                    N: tl.constexpr, NB: tl.constexpr, K: tl.constexpr, R: tl.constexpr,
+                    BD: tl.constexpr, U: tl.constexpr):
+    """Backward of :func:`scan_fwd_kernel` (same grid and inputs, with ``psum`` and ``hs`` saved by
+    it) given ``dy: (b, l, e)`` (strides of ``y``). Outputs: ``du, ddt: (2, b, l, e)`` (strides of
+    ``u``; ``ddt`` = gradient of Δ before its bias), ``dz`` (strides ``s_dzb, s_dzl, 1``),
+    ``dbc: (2, b, l, 2N)`` fp32, zero-initialised (B then C gradients, atomically summed over
+    channel blocks), per-image sums ``dA: (2, b, e, N)`` (for ``A``), ``dD, dbias: (2, b, e)`` fp32.
+
+    Groups of ``U`` steps are visited last to first; each recomputes its states from the state
+    the forward saved at its start, so no per-step state is ever stored."""
+    pid_b = tl.program_id(0)
+    d = tl.program_id(1) * BD + tl.arange(0, BD)
+    d_ok = d < E
+    n = _state_index(N, NB)
+    a2f = -tl.exp(tl.load(alogf_ptr + d[None, None, :] * s_an + n * s_1, mask=d_ok[None, None, :], other=0.0).to(tl.float32)) * LOG2E
+    a2b = -tl.exp(tl.load(alogb_ptr + d[None, None, :] * s_an + n * s_1, mask=d_ok[None, None, :], other=0.0).to(tl.float32)) * LOG2E
+    dskipf = tl.load(dskipf_ptr + d * s_1, mask=d_ok, other=0.0).to(tl.float32)
+    dskipb = tl.load(dskipb_ptr + d * s_1, mask=d_ok, other=0.0).to(tl.float32)
+    biasf = tl.load(biasf_ptr + d * s_1, mask=d_ok, other=0.0).to(tl.float32)
+    biasb = tl.load(biasb_ptr + d * s_1, mask=d_ok, other=0.0).to(tl.float32)
+    row = pid_b.to(tl.int64) * s_ub + d * s_1
+    z_base = z_ptr + pid_b.to(tl.int64) * s_zb + d * s_1
+    dy_base = dy_ptr + pid_b.to(tl.int64) * s_yb + d * s_1
+    bc_row = (pid_b * L).to(tl.int64) * K + R + n + d[None, None, :] * 0
+    dbc_row = (pid_b * L).to(tl.int64) * (2 * N) + n
+    dbc_dir = (tl.num_programs(0) * L).to(tl.int64) * (2 * N)
+    hs_off = (pid_b * E + d[None, None, :]).to(tl.int64) * n_chunks * N + n
+    dm = d_ok[None, None, :]
+    zero = tl.zeros([N // NB, NB, BD], dtype=tl.float32)
+    gf = zero
+    gb = zero
+    af = zero + 1.0
+    ab = zero + 1.0
+    dAf = zero
+    dAb = zero
+    zero1 = tl.zeros([BD], dtype=tl.float32)
+    dDf = zero1
+    dDb = zero1
+    dbf = zero1
+    dbb = zero1
+    for i in range(0, n_chunks):
+        c = n_chunks - 1 - i
+        for k in tl.static_range(U):  # gate gradient, once per token: dz = dy * psum * silu'(z)
+            t = c * U + k
+            m = d_ok & (t < L)
+            zt = tl.load(z_base + t * s_zl, mask=m, other=0.0).to(tl.float32)
+            sz = 1.0 / (1.0 + tl.exp(-zt))
+            dz = tl.load(dy_base + t * s_yl, mask=m, other=0.0).to(tl.float32) * \
+                tl.load(psum_ptr + pid_b.to(tl.int64) * s_yb + d * s_1 + t * s_yl, mask=m, other=0.0).to(tl.float32)
+            tl.store(dz_ptr + pid_b.to(tl.int64) * s_dzb + d * s_1 + t * s_dzl,
+                     (dz * sz * (1.0 + zt * (1.0 - sz))).to(dz_ptr.dtype.element_ty), mask=m)
+        h0 = tl.load(hs_ptr + hs_off + c * N, mask=dm, other=0.0)
+        gf, af, dAf, dDf, dbf = _bwd_group(
+            u_ptr + row, dtf_ptr + row, bcf_ptr + bc_row, dbc_ptr + dbc_row, du_ptr + row, ddt_ptr + row, dy_base,
+            z_base, h0, a2f, biasf, dskipf, gf, af, dAf, dDf, dbf, c, d_ok, L, s_ul, s_yl, s_zl, scale, False, N, K, U)
+        h0 = tl.load(hs_ptr + s_hdir + hs_off + c * N, mask=dm, other=0.0)
+        gb, ab, dAb, dDb, dbb = _bwd_group(
+            u_ptr + s_udir + row, dtb_ptr + row, bcb_ptr + bc_row, dbc_ptr + dbc_dir + dbc_row, du_ptr + s_udir + row,
+            ddt_ptr + s_udir + row, dy_base, z_base, h0, a2b, biasb, dskipb, gb, ab, dAb, dDb, dbb, c, d_ok, L,
+            s_ul, s_yl, s_zl, scale, True, N, K, U)
+    a_off = (pid_b * E + d[None, None, :]).to(tl.int64) * N + n
+    tl.store(dA_ptr + a_off, dAf, mask=dm)
+    tl.store(dA_ptr + (tl.num_programs(0) * E).to(tl.int64) * N + a_off, dAb, mask=dm)
+    p_off = pid_b.to(tl.int64) * E + d
+    p_dir = (tl.num_programs(0) * E).to(tl.int64)
+    tl.store(dD_ptr + p_off, dDf, mask=d_ok)
+    tl.store(dD_ptr + p_dir + p_off, dDb, mask=d_ok)
+    tl.store(dbias_ptr + p_off, dbf, mask=d_ok)
+    tl.store(dbias_ptr + p_dir + p_off, dbb, mask=d_ok)
