@@ -33,13 +33,16 @@ except ImportError:  # pragma: no cover - depends on the platform
 __all__ = ["available", "interpreting", "bimamba_inner_triton", "TUNING", "scan_config"]
 
 #: Launch parameters. Scan: ``bd`` channels per program (one per thread, ``bd // 32`` warps), ``u``
-#: steps unrolled per loop iteration. ``*_small`` applies when the large tile would give fewer
-#: than ``small_below`` programs (small batches want parallelism more than reuse).
+#: steps unrolled per loop iteration; the forward saves the states every ``s`` steps (a multiple
+#: of ``u``) for the backward, which recomputes each segment of ``s`` steps. ``*_small``
+#: applies when the large tile would give fewer than ``small_below`` programs (small batches
+#: want parallelism more than reuse).
 TUNING = {
     "scan": {"bd": 128, "u": 4},
     "scan_small": {"bd": 32, "u": 4},
-    "scan_bwd": {"bd": 64, "u": 2},
-    "scan_bwd_small": {"bd": 32, "u": 2},
+    "scan_bwd": {"bd": 32},
+    "scan_bwd_small": {"bd": 32},
+    "save_every": 16,
     "small_below": 264,
     "conv": {"bl": 16, "bd": 128, "warps": 4},
 }
@@ -127,57 +130,60 @@ def conv_bwd(x, fwd, bwd, g, dx):
     return s[0, :, :w], s[0, :, w] if has_bias else None, s[1, :, :w], s[1, :, w] if has_bias else None
 
 
-def _scan_common(xc, xdbl, fwd, kind, u=None):
+def _scan_common(xc, xdbl, fwd, kind):
     _, b, l, e = xc.shape
     n = fwd.A_log.shape[1]
     k = xdbl.shape[-1]
     r = k - 2 * n
-    cfg = dict(scan_config(kind, b, e))
-    if u is not None:  # a forward that saves states for the backward uses the backward's groups
-        cfg["u"] = u
-    consts = dict(N=n, NB=_vector(n, xdbl.element_size(), k, r), K=k, R=r, BD=cfg["bd"], U=cfg["u"],
-                  num_warps=max(1, cfg["bd"] // 32))
-    return b, l, e, n, triton.cdiv(l, cfg["u"]), (b, triton.cdiv(e, cfg["bd"])), consts
+    cfg = scan_config(kind, b, e)
+    consts = dict(N=n, NB=_vector(n, xdbl.element_size(), k, r), K=k, R=r, BD=cfg["bd"],
+                  S=TUNING["save_every"], num_warps=max(1, cfg["bd"] // 32))
+    return b, l, e, n, cfg, (b, triton.cdiv(e, cfg["bd"])), consts
 
 
 def scan_fwd(xc, delta_f, delta_b, xdbl_f, xdbl_b, z, fwd, bwd, scale, save: bool):
     """Both scans, combined and gated. ``xc: (2, b, l, e)``, ``delta_*: (b, l, e)`` and
     ``xdbl_*: (b, l, r + 2n)`` contiguous, ``z: (b, l, e)`` (channels contiguous) →
-    ``y: (b, l, e)``; with ``save`` also the pre-gate sum and the fp32 chunk-start states."""
-    u_bwd = scan_config("scan_bwd", xc.shape[1], xc.shape[3])["u"] if save else None
-    b, l, e, n, chunks, grid, consts = _scan_common(xc, xdbl_f, fwd, "scan", u_bwd)
+    ``y: (b, l, e)``; with ``save`` also the pre-gate sum and the fp32 states every
+    ``TUNING["save_every"]`` steps, ``(2, b, e, segments, n)``."""
+    b, l, e, n, cfg, grid, consts = _scan_common(xc, xdbl_f, fwd, "scan")
+    u = math.gcd(cfg["u"], consts["S"])
     y = torch.empty(b, l, e, device=xc.device, dtype=xc.dtype)
     psum = torch.empty_like(y) if save else y
-    hs = torch.empty(2, b, e, chunks, n, device=xc.device, dtype=torch.float32) if save else y
+    segs = triton.cdiv(l, consts["S"])
+    hs = torch.empty(2, b, e, segs, n, device=xc.device, dtype=torch.float32) if save else y
     _kernels()["scan_fwd"][grid](
         xc, delta_f, delta_b, xdbl_f, xdbl_b, fwd.A_log, bwd.A_log, fwd.D, bwd.D, fwd.dt_proj_bias, bwd.dt_proj_bias,
-        z, y, psum, hs, l, e, chunks, xc.stride(0), xc.stride(1), xc.stride(2), z.stride(0), z.stride(1),
-        y.stride(0), y.stride(1), 1, fwd.A_log.stride(0), b * e * chunks * n, scale,
-        STORE_PSUM=save, STORE_STATES=save, **consts,
+        z, y, psum, hs, l, e, triton.cdiv(l, u), xc.stride(0), xc.stride(1), xc.stride(2), z.stride(0), z.stride(1),
+        y.stride(0), y.stride(1), 1, fwd.A_log.stride(0), b * e * segs * n, scale,
+        STORE_PSUM=save, STORE_STATES=save, U=u, **consts,
     )
-    return y, psum, hs, chunks
+    return y, psum, hs
 
 
-def scan_bwd(xc, delta_f, delta_b, xdbl_f, xdbl_b, z, fwd, bwd, scale, psum, hs, chunks, dy, dz):
-    """Backward of :func:`scan_fwd` (same tiles). Writes ``dz`` (a view); returns ``du, dΔ:
-    (2, b, l, e)`` in ``xc``'s dtype, ``dbc: (2, b, l, 2n)`` fp32 and fp32 sums over images of
-    ``dA: (2, e, n)``, ``dD, dbias: (2, e)``."""
-    b, l, e, n, chunks_bwd, grid, consts = _scan_common(xc, xdbl_f, fwd, "scan_bwd")
-    if chunks_bwd != chunks:  # the saved states are per group of U steps
-        raise AssertionError("the backward's step groups differ from the forward's")  # pragma: no cover
+def scan_bwd(xc, delta_f, delta_b, xdbl_f, xdbl_b, z, fwd, bwd, scale, psum, hs, dy, dz):
+    """Backward of :func:`scan_fwd`, one launch per direction (independent given ``psum``).
+    Writes ``dz`` (a view); returns ``du, dΔ: (2, b, l, e)`` in ``xc``'s dtype,
+    ``dbc: (2, b, l, 2n)`` fp32 and fp32 sums over images of ``dA: (2, e, n)``, ``dD, dbias: (2, e)``."""
+    b, l, e, n, cfg, grid, consts = _scan_common(xc, xdbl_f, fwd, "scan_bwd")
+    segs = hs.shape[3]
+    if segs != triton.cdiv(l, consts["S"]):  # pragma: no cover - TUNING changed between forward and backward
+        raise RuntimeError("the saved states do not match TUNING['save_every']")
     du = torch.empty_like(xc)
     ddt = torch.empty_like(xc)
     dbc = torch.zeros(2, b, l, 2 * n, device=xc.device, dtype=torch.float32)
     dA = torch.empty(2, b, e, n, device=xc.device, dtype=torch.float32)
     dD = torch.empty(2, b, e, device=xc.device, dtype=torch.float32)
     dbias = torch.empty_like(dD)
+    scratch = torch.empty(grid[0] * grid[1] * (consts["S"] + 1) * n * cfg["bd"], device=xc.device, dtype=torch.float32)
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
-    _kernels()["scan_bwd"][grid](
-        xc, delta_f, delta_b, xdbl_f, xdbl_b, fwd.A_log, bwd.A_log, fwd.D, bwd.D, fwd.dt_proj_bias, bwd.dt_proj_bias,
-        z, psum, hs, dy, du, ddt, dz, dbc, dA, dD, dbias,
-        l, e, chunks, xc.stride(0), xc.stride(1), xc.stride(2), z.stride(0), z.stride(1), dy.stride(0), dy.stride(1),
-        dz.stride(0), dz.stride(1), 1, fwd.A_log.stride(0), b * e * chunks * n, scale, **consts,
-    )
+    for i, (p, delta, xdbl) in enumerate(((fwd, delta_f, xdbl_f), (bwd, delta_b, xdbl_b))):
+        _kernels()["scan_bwd"][grid](
+            xc[i], delta, xdbl, p.A_log, p.D, p.dt_proj_bias, z, psum, hs[i], dy, scratch,
+            du[i], ddt[i], dz, dbc[i], dA[i], dD[i], dbias[i],
+            l, e, segs, xc.stride(1), xc.stride(2), z.stride(0), z.stride(1), dy.stride(0), dy.stride(1),
+            dz.stride(0), dz.stride(1), 1, p.A_log.stride(0), scale, REVERSE=i == 1, GATE=i == 0, **consts,
+        )
     return du, ddt, dbc, dA.sum(1), dD.sum(1), dbias.sum(1)
 
 
@@ -193,8 +199,8 @@ def _forward(h, w_in, fwd, bwd, divide_out: bool, save: bool):
     delta_f = F.linear(xdbl_f[..., :r], fwd.dt_proj_weight)  # (b, l, e); bias added in the scan
     delta_b = F.linear(xdbl_b[..., :r], bwd.dt_proj_weight)
     scale = 0.5 if divide_out else 1.0
-    y, psum, hs, chunks = scan_fwd(xc, delta_f, delta_b, xdbl_f, xdbl_b, z, fwd, bwd, scale, save)
-    return y, (xz, xc, xdbl_f, xdbl_b, delta_f, delta_b, psum, hs, chunks, scale)
+    y, psum, hs = scan_fwd(xc, delta_f, delta_b, xdbl_f, xdbl_b, z, fwd, bwd, scale, save)
+    return y, (xz, xc, xdbl_f, xdbl_b, delta_f, delta_b, psum, hs, scale)
 
 
 def check_inputs(h, w_in, fwd, bwd):
@@ -227,8 +233,8 @@ class BiMambaInnerFn(torch.autograd.Function):
 
         fwd, bwd = Direction(*params[:7]), Direction(*params[7:])
         y, saved = _forward(h, w_in, fwd, bwd, divide_out, save=True)
-        xz, xc, xdbl_f, xdbl_b, delta_f, delta_b, psum, hs, chunks, scale = saved
-        ctx.chunks, ctx.scale, ctx.has_conv_bias = chunks, scale, params[1] is not None
+        xz, xc, xdbl_f, xdbl_b, delta_f, delta_b, psum, hs, scale = saved
+        ctx.scale, ctx.has_conv_bias = scale, params[1] is not None
         ctx.save_for_backward(h, w_in, xz, xc, xdbl_f, xdbl_b, delta_f, delta_b, psum, hs,
                               *(p if p is not None else h.new_empty(0) for p in params))
         return y
@@ -245,7 +251,7 @@ class BiMambaInnerFn(torch.autograd.Function):
         e = xz.shape[-1] // 2
         dxz = torch.empty_like(xz)
         du, ddt, dbc, dA, dD, dbias = scan_bwd(xc, delta_f, delta_b, xdbl_f, xdbl_b, xz[..., e:], fwd, bwd, ctx.scale,
-                                               psum, hs, ctx.chunks, dy, dxz[..., e:])
+                                               psum, hs, dy, dxz[..., e:])
         grads = []
         dxc = du
         for i, (p, xdbl, delta) in enumerate(((fwd, xdbl_f, delta_f), (bwd, xdbl_b, delta_b))):

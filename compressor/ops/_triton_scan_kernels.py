@@ -71,14 +71,14 @@ def scan_fwd_kernel(u_ptr, dtf_ptr, dtb_ptr, bcf_ptr, bcb_ptr, alogf_ptr, alogb_
                     biasf_ptr, biasb_ptr, z_ptr, y_ptr, psum_ptr, hs_ptr,
                     L, E, n_chunks, s_udir, s_ub, s_ul, s_zb, s_zl, s_yb, s_yl, s_1, s_an, s_hdir, scale,
                     STORE_PSUM: tl.constexpr, STORE_STATES: tl.constexpr, N: tl.constexpr, NB: tl.constexpr,
-                    K: tl.constexpr, R: tl.constexpr, BD: tl.constexpr, U: tl.constexpr):
+                    K: tl.constexpr, R: tl.constexpr, BD: tl.constexpr, U: tl.constexpr, S: tl.constexpr):
     """Grid ``(b, cdiv(e, BD))``, ``BD // 32`` warps.
 
     ``u: (2, b, l, e)`` conv outputs of both directions (``s_udir`` apart); ``dt{f,b}:
     (b, l, e)`` Δ before its bias (strides of ``u``); ``bc{f,b}: (b, l, K)`` contiguous x_proj
     outputs (``K = R + 2N``; B at column ``R``, C at ``R + N``); ``z, y, psum: (b, l, e)``;
-    ``A_log: (e, N)``; ``hs: (2, b, e, n_chunks, N)`` fp32 states entering each group of ``U``
-    steps (for the backward). ``y = silu(z) * scale * (y_f + y_b)``; ``psum``: the same before
+    ``A_log: (e, N)``; ``hs: (2, b, e, cdiv(l, S), N)`` fp32 states entering every ``S``-th step
+    (for the backward; ``S`` a multiple of ``U``). ``y = silu(z) * scale * (y_f + y_b)``; ``psum``: the same before
     the gate.
 
     Token ``t`` is reached by the forward direction at step ``t`` and by the backward one at
@@ -102,13 +102,14 @@ def scan_fwd_kernel(u_ptr, dtf_ptr, dtb_ptr, bcf_ptr, bcb_ptr, alogf_ptr, alogb_
     y_base = y_ptr + pid_b.to(tl.int64) * s_yb + d * s_1
     ps_base = psum_ptr + pid_b.to(tl.int64) * s_yb + d * s_1
     bc_row = (pid_b * L).to(tl.int64) * K + R + n + d[None, None, :] * 0  # NB contiguous, rows 16-byte aligned
-    hs_off = (pid_b * E + d[None, None, :]).to(tl.int64) * n_chunks * N + n
+    hs_off = (pid_b * E + d[None, None, :]).to(tl.int64) * tl.cdiv(L, S) * N + n
     hf = tl.zeros([N // NB, NB, BD], dtype=tl.float32)
     hb = tl.zeros([N // NB, NB, BD], dtype=tl.float32)
     for c in range(0, n_chunks):
         if STORE_STATES:
-            tl.store(hs_ptr + hs_off + c * N, hf, mask=d_ok[None, None, :])
-            tl.store(hs_ptr + s_hdir + hs_off + c * N, hb, mask=d_ok[None, None, :])
+            if c % (S // U) == 0:
+                tl.store(hs_ptr + hs_off + c // (S // U) * N, hf, mask=d_ok[None, None, :])
+                tl.store(hs_ptr + s_hdir + hs_off + c // (S // U) * N, hb, mask=d_ok[None, None, :])
         for k in tl.static_range(U):
             s = c * U + k
             ok = s < L
@@ -139,29 +140,31 @@ def scan_fwd_kernel(u_ptr, dtf_ptr, dtb_ptr, bcf_ptr, bcb_ptr, alogf_ptr, alogb_
 
 
 @triton.jit
-def _bwd_group(u_base, dt_base, bc_base, dbc_base, du_base, ddt_base, dy_base, z_base, h0, a2, bias, dskip,
-               g, a_next, dA, dD, dbias, c, d_ok, L, s_ul, s_yl, s_zl, scale,
-               REVERSE: tl.constexpr, N: tl.constexpr, K: tl.constexpr, U: tl.constexpr):
-    """Group ``c`` (steps ``c*U .. c*U + U - 1`` in scan order) of one direction's backward.
+def _bwd_segment(u_base, dt_base, bc_base, dbc_base, du_base, ddt_base, dy_base, z_base, scratch, h, a2, bias, dskip,
+                 g, a_next, dA, dD, dbias, seg, d_ok, L, s_ul, s_yl, s_zl, scale,
+                 REVERSE: tl.constexpr, N: tl.constexpr, NB: tl.constexpr, K: tl.constexpr, S: tl.constexpr):
+    """Segment ``seg`` (steps ``seg*S .. seg*S + S - 1`` in scan order) of one direction's backward.
 
-    ``g``: gradient of the state after the group's last step coming from later steps, ``a_next``
-    the decay of the step after the group. Recomputes the group's states from ``h0`` (a tuple of
-    ``U + 1`` register tiles), then walks the steps backwards: ``g_t = C_t dp_t + a_{t+1} g_{t+1}``. Stores ``du``
-    and ``dΔ``, adds ``dB, dC`` summed over this program's channels into ``dbc``; returns the
-    carries and running sums."""
-    hs = (h0,)
-    for k in tl.static_range(U):  # recompute the states: hs[k] enters step k
-        s = c * U + k
+    ``h`` is the state the forward saved at the segment's start, ``g`` the gradient of the state
+    after the segment's last step coming from later steps, ``a_next`` the decay of the step after
+    the segment. Recomputes the segment's states into ``scratch`` (this thread's own slots,
+    cache-resident), then walks the steps backwards: ``g_t = C_t dp_t + a_{t+1} g_{t+1}``. Stores
+    ``du`` and ``dΔ``, adds ``dB, dC`` summed over this program's channels into ``dbc``; returns
+    the carries and the running per-channel sums."""
+    n = _state_index(N, NB)
+    tl.store(scratch, h)
+    for k in range(0, S):  # recompute: scratch[k] holds the state entering step k
+        s = seg * S + k
         if REVERSE:
             t = L - 1 - s
         else:
             t = s
         u, v, dl, bm, cm = _step_inputs(u_base, dt_base, bc_base, bias, t, s < L, d_ok, s_ul, K, N)
-        h0, _ = _step(h0, u, dl, bm, cm, a2, dskip)
-        hs = hs + (h0,)
-    for kk in tl.static_range(U):
-        k = U - 1 - kk
-        s = c * U + k
+        h, _ = _step(h, u, dl, bm, cm, a2, dskip)
+        tl.store(scratch + (k + 1) * N, h)
+    for kk in range(0, S):
+        k = S - 1 - kk
+        s = seg * S + k
         ok = s < L
         if REVERSE:
             t = L - 1 - s
@@ -172,8 +175,8 @@ def _bwd_group(u_base, dt_base, bc_base, dbc_base, du_base, ddt_base, dy_base, z
         dp = tl.load(dy_base + t * s_yl, mask=m, other=0.0).to(tl.float32) * \
             _silu(tl.load(z_base + t * s_zl, mask=m, other=0.0).to(tl.float32)) * scale
         a = tl.exp2(dl[None, None, :] * a2)
-        ah = a * hs[k]  # a_t h_{t-1}
-        h = hs[k + 1]
+        h_prev = tl.load(scratch + k * N)
+        ah = a * h_prev  # a_t h_{t-1}
         g = cm * dp[None, None, :] + a_next * g
         a_next = a
         gb = tl.sum(tl.sum(g * bm, axis=0), axis=0)
@@ -182,84 +185,72 @@ def _bwd_group(u_base, dt_base, bc_base, dbc_base, du_base, ddt_base, dy_base, z
         dv = tl.where(m, dv, 0.0)
         tl.store(du_base + t * s_ul, (dl * gb + dskip * dp).to(du_base.dtype.element_ty), mask=m)
         tl.store(ddt_base + t * s_ul, dv.to(ddt_base.dtype.element_ty), mask=m)
-        tl.atomic_add(dbc_base + t * (2 * N), tl.sum(g * (dl * u)[None, None, :], axis=2, keep_dims=True), mask=ok, sem="relaxed")
-        tl.atomic_add(dbc_base + N + t * (2 * N), tl.sum(h * dp[None, None, :], axis=2, keep_dims=True), mask=ok, sem="relaxed")
+        # dB, dC summed over this program's channels, added into the fp32 buffer
+        tl.atomic_add(dbc_base + t * (2 * N) + n, tl.sum(g * (dl * u)[None, None, :], axis=2, keep_dims=True),
+                      mask=ok, sem="relaxed")
+        tl.atomic_add(dbc_base + N + t * (2 * N) + n, tl.sum(h * dp[None, None, :], axis=2, keep_dims=True),
+                      mask=ok, sem="relaxed")
         dA += g * ah * dl[None, None, :]
         dD += dp * u
         dbias += dv
+        h = h_prev
     return g, a_next, dA, dD, dbias
 
 
-def scan_bwd_kernel(u_ptr, dtf_ptr, dtb_ptr, bcf_ptr, bcb_ptr, alogf_ptr, alogb_ptr, dskipf_ptr, dskipb_ptr,
-                    biasf_ptr, biasb_ptr, z_ptr, psum_ptr, hs_ptr, dy_ptr,
+def scan_bwd_kernel(u_ptr, dt_ptr, bc_ptr, alog_ptr, dskip_ptr, bias_ptr, z_ptr, psum_ptr, hs_ptr, dy_ptr, scratch_ptr,
                     du_ptr, ddt_ptr, dz_ptr, dbc_ptr, dA_ptr, dD_ptr, dbias_ptr,
-                    L, E, n_chunks, s_udir, s_ub, s_ul, s_zb, s_zl, s_yb, s_yl, s_dzb, s_dzl, s_1, s_an, s_hdir, scale,
-                    N: tl.constexpr, NB: tl.constexpr, K: tl.constexpr, R: tl.constexpr,
-                    BD: tl.constexpr, U: tl.constexpr):
-    """Backward of :func:`scan_fwd_kernel` (same grid and inputs, with ``psum`` and ``hs`` saved by
-    it) given ``dy: (b, l, e)`` (strides of ``y``). Outputs: ``du, ddt: (2, b, l, e)`` (strides of
-    ``u``; ``ddt`` = gradient of Δ before its bias), ``dz`` (strides ``s_dzb, s_dzl, 1``),
-    ``dbc: (2, b, l, 2N)`` fp32, zero-initialised (B then C gradients, atomically summed over
-    channel blocks), per-image sums ``dA: (2, b, e, N)`` (for ``A``), ``dD, dbias: (2, b, e)`` fp32.
+                    L, E, n_seg, s_ub, s_ul, s_zb, s_zl, s_yb, s_yl, s_dzb, s_dzl, s_1, s_an, scale,
+                    REVERSE: tl.constexpr, GATE: tl.constexpr, N: tl.constexpr, NB: tl.constexpr, K: tl.constexpr,
+                    R: tl.constexpr, BD: tl.constexpr, S: tl.constexpr):
+    """Backward of one direction of :func:`scan_fwd_kernel` (``REVERSE``: the backward direction),
+    same grid; inputs as the forward's for that direction, with ``psum`` and this direction's
+    ``hs: (b, e, cdiv(l, S), N)`` saved by it, and ``dy: (b, l, e)`` (strides of ``y``);
+    ``scratch``: fp32, ``b * cdiv(e, BD) * (S + 1) * N * BD`` elements. Outputs: ``du, ddt:
+    (b, l, e)`` (strides of ``u``; ``ddt`` = gradient of Δ before its bias); with ``GATE``
+    (one of the two launches) ``dz`` (strides ``s_dzb, s_dzl, 1``); ``dbc: (b, l, 2N)`` fp32,
+    zero-initialised (B then C gradients, atomically summed over channel blocks); per-image sums
+    ``dA: (b, e, N)`` (for ``A``), ``dD, dbias: (b, e)`` fp32.
 
-    Groups of ``U`` steps are visited last to first; each recomputes its states from the state
-    the forward saved at its start, so no per-step state is ever stored."""
+    Segments of ``S`` steps are visited last to first; each recomputes its states from the state
+    the forward saved at its start, so at most ``S + 1`` states per channel are ever stored."""
     pid_b = tl.program_id(0)
     d = tl.program_id(1) * BD + tl.arange(0, BD)
     d_ok = d < E
     n = _state_index(N, NB)
-    a2f = -tl.exp(tl.load(alogf_ptr + d[None, None, :] * s_an + n * s_1, mask=d_ok[None, None, :], other=0.0).to(tl.float32)) * LOG2E
-    a2b = -tl.exp(tl.load(alogb_ptr + d[None, None, :] * s_an + n * s_1, mask=d_ok[None, None, :], other=0.0).to(tl.float32)) * LOG2E
-    dskipf = tl.load(dskipf_ptr + d * s_1, mask=d_ok, other=0.0).to(tl.float32)
-    dskipb = tl.load(dskipb_ptr + d * s_1, mask=d_ok, other=0.0).to(tl.float32)
-    biasf = tl.load(biasf_ptr + d * s_1, mask=d_ok, other=0.0).to(tl.float32)
-    biasb = tl.load(biasb_ptr + d * s_1, mask=d_ok, other=0.0).to(tl.float32)
+    dm = d_ok[None, None, :]
+    a2 = -tl.exp(tl.load(alog_ptr + d[None, None, :] * s_an + n * s_1, mask=dm, other=0.0).to(tl.float32)) * LOG2E
+    dskip = tl.load(dskip_ptr + d * s_1, mask=d_ok, other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + d * s_1, mask=d_ok, other=0.0).to(tl.float32)
     row = pid_b.to(tl.int64) * s_ub + d * s_1
     z_base = z_ptr + pid_b.to(tl.int64) * s_zb + d * s_1
     dy_base = dy_ptr + pid_b.to(tl.int64) * s_yb + d * s_1
-    bc_row = (pid_b * L).to(tl.int64) * K + R + n + d[None, None, :] * 0
-    dbc_row = (pid_b * L).to(tl.int64) * (2 * N) + n
-    dbc_dir = (tl.num_programs(0) * L).to(tl.int64) * (2 * N)
-    hs_off = (pid_b * E + d[None, None, :]).to(tl.int64) * n_chunks * N + n
-    dm = d_ok[None, None, :]
-    zero = tl.zeros([N // NB, NB, BD], dtype=tl.float32)
-    gf = zero
-    gb = zero
-    af = zero + 1.0
-    ab = zero + 1.0
-    dAf = zero
-    dAb = zero
-    zero1 = tl.zeros([BD], dtype=tl.float32)
-    dDf = zero1
-    dDb = zero1
-    dbf = zero1
-    dbb = zero1
-    for i in range(0, n_chunks):
-        c = n_chunks - 1 - i
-        for k in tl.static_range(U):  # gate gradient, once per token: dz = dy * psum * silu'(z)
-            t = c * U + k
-            m = d_ok & (t < L)
-            zt = tl.load(z_base + t * s_zl, mask=m, other=0.0).to(tl.float32)
-            sz = 1.0 / (1.0 + tl.exp(-zt))
-            dz = tl.load(dy_base + t * s_yl, mask=m, other=0.0).to(tl.float32) * \
-                tl.load(psum_ptr + pid_b.to(tl.int64) * s_yb + d * s_1 + t * s_yl, mask=m, other=0.0).to(tl.float32)
-            tl.store(dz_ptr + pid_b.to(tl.int64) * s_dzb + d * s_1 + t * s_dzl,
-                     (dz * sz * (1.0 + zt * (1.0 - sz))).to(dz_ptr.dtype.element_ty), mask=m)
-        h0 = tl.load(hs_ptr + hs_off + c * N, mask=dm, other=0.0)
-        gf, af, dAf, dDf, dbf = _bwd_group(
-            u_ptr + row, dtf_ptr + row, bcf_ptr + bc_row, dbc_ptr + dbc_row, du_ptr + row, ddt_ptr + row, dy_base,
-            z_base, h0, a2f, biasf, dskipf, gf, af, dAf, dDf, dbf, c, d_ok, L, s_ul, s_yl, s_zl, scale, False, N, K, U)
-        h0 = tl.load(hs_ptr + s_hdir + hs_off + c * N, mask=dm, other=0.0)
-        gb, ab, dAb, dDb, dbb = _bwd_group(
-            u_ptr + s_udir + row, dtb_ptr + row, bcb_ptr + bc_row, dbc_ptr + dbc_dir + dbc_row, du_ptr + s_udir + row,
-            ddt_ptr + s_udir + row, dy_base, z_base, h0, a2b, biasb, dskipb, gb, ab, dAb, dDb, dbb, c, d_ok, L,
-            s_ul, s_yl, s_zl, scale, True, N, K, U)
-    a_off = (pid_b * E + d[None, None, :]).to(tl.int64) * N + n
-    tl.store(dA_ptr + a_off, dAf, mask=dm)
-    tl.store(dA_ptr + (tl.num_programs(0) * E).to(tl.int64) * N + a_off, dAb, mask=dm)
-    p_off = pid_b.to(tl.int64) * E + d
-    p_dir = (tl.num_programs(0) * E).to(tl.int64)
-    tl.store(dD_ptr + p_off, dDf, mask=d_ok)
-    tl.store(dD_ptr + p_dir + p_off, dDb, mask=d_ok)
-    tl.store(dbias_ptr + p_off, dbf, mask=d_ok)
-    tl.store(dbias_ptr + p_dir + p_off, dbb, mask=d_ok)
+    bc_base = bc_ptr + (pid_b * L).to(tl.int64) * K + R + n + d[None, None, :] * 0
+    dbc_base = dbc_ptr + (pid_b * L).to(tl.int64) * (2 * N)
+    hs_off = (pid_b * E + d[None, None, :]).to(tl.int64) * n_seg * N + n
+    prog = pid_b * tl.num_programs(1) + tl.program_id(1)
+    # this thread's (S + 1) states, its N values contiguous: vector stores and loads
+    scratch = scratch_ptr + prog.to(tl.int64) * (S + 1) * N * BD + tl.arange(0, BD)[None, None, :] * ((S + 1) * N) + n
+    g = tl.zeros([N // NB, NB, BD], dtype=tl.float32)
+    a_next = g + 1.0
+    dA = g
+    dD = tl.zeros([BD], dtype=tl.float32)
+    dbias = dD
+    for i in range(0, n_seg):
+        seg = n_seg - 1 - i
+        if GATE:
+            for k in range(0, S):  # gate gradient, once per token: dz = dy * psum * silu'(z)
+                t = seg * S + k
+                m = d_ok & (t < L)
+                zt = tl.load(z_base + t * s_zl, mask=m, other=0.0).to(tl.float32)
+                sz = 1.0 / (1.0 + tl.exp(-zt))
+                dz = tl.load(dy_base + t * s_yl, mask=m, other=0.0).to(tl.float32) * \
+                    tl.load(psum_ptr + pid_b.to(tl.int64) * s_yb + d * s_1 + t * s_yl, mask=m, other=0.0).to(tl.float32)
+                tl.store(dz_ptr + pid_b.to(tl.int64) * s_dzb + d * s_1 + t * s_dzl,
+                         (dz * sz * (1.0 + zt * (1.0 - sz))).to(dz_ptr.dtype.element_ty), mask=m)
+        h0 = tl.load(hs_ptr + hs_off + seg * N, mask=dm, other=0.0)
+        g, a_next, dA, dD, dbias = _bwd_segment(
+            u_ptr + row, dt_ptr + row, bc_base, dbc_base, du_ptr + row, ddt_ptr + row, dy_base, z_base, scratch, h0,
+            a2, bias, dskip, g, a_next, dA, dD, dbias, seg, d_ok, L, s_ul, s_yl, s_zl, scale, REVERSE, N, NB, K, S)
+    tl.store(dA_ptr + (pid_b * E + d[None, None, :]).to(tl.int64) * N + n, dA, mask=dm)
+    tl.store(dD_ptr + pid_b.to(tl.int64) * E + d, dD, mask=d_ok)
+    tl.store(dbias_ptr + pid_b.to(tl.int64) * E + d, dbias, mask=d_ok)
