@@ -360,13 +360,13 @@ def test_exporting_forces_chunked(monkeypatch):
 
 def test_unknown_backend_raises_one_line():
     with pytest.raises(BackendUnavailable) as exc:
-        resolve_backend("triton", torch.zeros(1))
+        resolve_backend("tpu", torch.zeros(1))
     msg = str(exc.value)
-    assert "\n" not in msg and "triton" in msg and "chunked" in msg
+    assert "\n" not in msg and "tpu" in msg and "chunked" in msg
     with pytest.raises(BackendUnavailable):
-        set_backend(create_model("vim_test"), "triton")
+        set_backend(create_model("vim_test"), "tpu")
     with pytest.raises(BackendUnavailable):
-        add_rms_norm(torch.zeros(1, 2, 4), None, torch.ones(4), 1e-5, backend="triton")
+        add_rms_norm(torch.zeros(1, 2, 4), None, torch.ones(4), 1e-5, backend="tpu")
 
 
 def test_cuda_backend_without_kernels_says_pip_install(monkeypatch):
