@@ -22,11 +22,15 @@ and warps, states within a thread) instead of vectorising channel loads and shuf
 import triton
 import triton.language as tl
 
+# Helpers are JIT functions when compiling; under the interpreter they stay plain Python (the
+# kernel's run already patches ``tl``), which spares the interpreter a re-patch per call.
+_jit = (lambda fn: fn) if triton.knobs.runtime.interpret else triton.jit
+
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 
-@triton.jit
+@_jit
 def _softplus(v):
     """``log1p(exp(v))`` with torch's threshold 20; accurate for very negative ``v``."""
     e = tl.exp(tl.minimum(v, 20.0))
@@ -35,18 +39,18 @@ def _softplus(v):
     return tl.where(v > 20.0, v, lp)
 
 
-@triton.jit
+@_jit
 def _silu(v):
     return v / (1.0 + tl.exp(-v))
 
 
-@triton.jit
+@_jit
 def _state_index(N: tl.constexpr, NB: tl.constexpr):
     """``(NA, NB, 1)`` state indices ``n = a * NB + b``."""
     return tl.arange(0, N // NB)[:, None, None] * NB + tl.arange(0, NB)[None, :, None]
 
 
-@triton.jit
+@_jit
 def _step_inputs(u_base, dt_base, bc_base, bias, t, ok, d_ok, s_ul, K: tl.constexpr, N: tl.constexpr):
     """Token ``t``'s inputs: ``u, v, dl: (BD,)`` fp32 (``v`` = Δ + bias, ``dl`` = softplus(v),
     0 when ``not ok``) and ``B, C: (NA, NB, BD)`` fp32 (equal along channels)."""
@@ -59,7 +63,7 @@ def _step_inputs(u_base, dt_base, bc_base, bias, t, ok, d_ok, s_ul, K: tl.conste
     return u, v, dl, bm, cm
 
 
-@triton.jit
+@_jit
 def _step(h, u, dl, bm, cm, a2, dskip):
     """One step: ``h = exp(Δ A) h + Δ u B``, ``p = C.h + D u``."""
     a = tl.exp2(dl[None, None, :] * a2)
@@ -139,7 +143,7 @@ def scan_fwd_kernel(u_ptr, dtf_ptr, dtb_ptr, bcf_ptr, bcb_ptr, alogf_ptr, alogb_
             tl.store(y_base + tb * s_yl, tl.where(first, pb, tot * g).to(y_ptr.dtype.element_ty), mask=first | second)
 
 
-@triton.jit
+@_jit
 def _bwd_segment(u_base, dt_base, bc_base, dbc_base, du_base, ddt_base, dy_base, z_base, scratch, h, a2, bias, dskip,
                  g, a_next, dA, dD, dbias, seg, d_ok, L, s_ul, s_yl, s_zl, scale,
                  REVERSE: tl.constexpr, N: tl.constexpr, NB: tl.constexpr, K: tl.constexpr, S: tl.constexpr):
