@@ -11,10 +11,12 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv,noheader || true
 if [ "$MODE" = all ] || [ "$MODE" = tests ]; then
   start=$(date +%s)
-  RMEETO_ERRORS_JSON="$OUT/errors.json" python3 -m pytest -q -p no:cacheprovider -m gpu -n 8 --dist loadgroup \
-    tests/test_ops_triton_gpu.py 2>&1 | tee "$OUT/tests.log" | tail -25
+  ERR=$(mktemp -d)
+  RMEETO_ERRORS_JSON="$ERR/errors.json" ${TESTS_TIMEOUT:+timeout $TESTS_TIMEOUT} python3 -m pytest -q -p no:cacheprovider \
+    -m gpu -n 8 --dist loadgroup tests/test_ops_triton_gpu.py 2>&1 | tee "$OUT/tests.log" | tail -25
+  python3 -c "import glob, json, sys; json.dump([r for f in sorted(glob.glob(sys.argv[1] + '/*.json')) for r in json.load(open(f))], open(sys.argv[2], 'w'), indent=0)" "$ERR" "$OUT/errors.json"
   echo "tests took $(( $(date +%s) - start )) s"
 fi
 if [ "$MODE" = all ] || [ "$MODE" = bench ]; then
-  python3 benchmarks/triton_mixer_gpu.py --out "$OUT/triton_mixer.json" "$@" 2>&1 | tee "$OUT/bench.log"
+  ${BENCH_TIMEOUT:+timeout $BENCH_TIMEOUT} python3 benchmarks/triton_mixer_gpu.py --out "$OUT/triton_mixer.json" "$@" 2>&1 | tee "$OUT/bench.log"
 fi
