@@ -141,24 +141,36 @@ def _scan_common(xc, xdbl, fwd, kind):
     return b, l, e, n, cfg, (b, triton.cdiv(e, cfg["bd"])), consts
 
 
+def _offset(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Elements from ``a``'s first element to ``b``'s (the kernels reach the backward direction's
+    tensor from the forward one's pointer)."""
+    if a.dtype != b.dtype:
+        raise ValueError(f"bimamba_inner: both directions' tensors must share a dtype, got {a.dtype} and {b.dtype}")
+    diff = b.data_ptr() - a.data_ptr()
+    if diff % a.element_size():
+        raise ValueError("bimamba_inner: misaligned parameter views")  # pragma: no cover - views of one storage
+    return diff // a.element_size()
+
+
 def scan_fwd(xc, delta_f, delta_b, xdbl_f, xdbl_b, z, fwd, bwd, scale, save: bool):
-    """Both scans, combined and gated. ``xc: (2, b, l, e)``, ``delta_*: (b, l, e)`` and
-    ``xdbl_*: (b, l, r + 2n)`` contiguous, ``z: (b, l, e)`` (channels contiguous) →
-    ``y: (b, l, e)``; with ``save`` also the pre-gate sum and the fp32 states every
-    ``TUNING["save_every"]`` steps, ``(2, b, e, segments, n)``."""
+    """Both scans, gated, as two program sets of one launch; their sum is ``y``. ``xc: (2, b, l, e)``,
+    ``delta_*: (b, l, e)`` and ``xdbl_*: (b, l, r + 2n)`` contiguous, ``z: (b, l, e)`` (channels
+    contiguous) → ``y: (b, l, e)``; with ``save`` also both directions' pre-gate outputs
+    ``(2, b, l, e)`` and fp32 states every ``TUNING["save_every"]`` steps, ``(2, b, e, segments, n)``."""
     b, l, e, n, cfg, grid, consts = _scan_common(xc, xdbl_f, fwd, "scan")
     u = math.gcd(cfg["u"], consts["S"])
-    y = torch.empty(b, l, e, device=xc.device, dtype=xc.dtype)
-    psum = torch.empty_like(y) if save else y
+    y2 = torch.empty(2, b, l, e, device=xc.device, dtype=xc.dtype)
+    psum = torch.empty_like(y2) if save else y2
     segs = triton.cdiv(l, consts["S"])
-    hs = torch.empty(2, b, e, segs, n, device=xc.device, dtype=torch.float32) if save else y
-    _kernels()["scan_fwd"][grid](
-        xc, delta_f, delta_b, xdbl_f, xdbl_b, fwd.A_log, bwd.A_log, fwd.D, bwd.D, fwd.dt_proj_bias, bwd.dt_proj_bias,
-        z, y, psum, hs, l, e, triton.cdiv(l, u), xc.stride(0), xc.stride(1), xc.stride(2), z.stride(0), z.stride(1),
-        y.stride(0), y.stride(1), 1, fwd.A_log.stride(0), b * e * segs * n, scale,
-        STORE_PSUM=save, STORE_STATES=save, U=u, **consts,
+    hs = torch.empty(2, b, e, segs, n, device=xc.device, dtype=torch.float32) if save else y2
+    _kernels()["scan_fwd"][(*grid, 2)](
+        xc, delta_f, xdbl_f, fwd.A_log, fwd.D, fwd.dt_proj_bias, z, y2, psum, hs,
+        xc.stride(0), _offset(delta_f, delta_b), _offset(xdbl_f, xdbl_b), _offset(fwd.A_log, bwd.A_log),
+        _offset(fwd.D, bwd.D), _offset(fwd.dt_proj_bias, bwd.dt_proj_bias), y2.stride(0), hs.stride(0) if save else 0,
+        l, e, triton.cdiv(l, u), xc.stride(1), xc.stride(2), z.stride(0), z.stride(1), y2.stride(1), y2.stride(2),
+        1, fwd.A_log.stride(0), scale, STORE_PSUM=save, STORE_STATES=save, U=u, **consts,
     )
-    return y, psum, hs
+    return torch.add(y2[0], y2[1]), psum, hs
 
 
 def scan_bwd(xc, delta_f, delta_b, xdbl_f, xdbl_b, z, fwd, bwd, scale, psum, hs, dy, dz):
@@ -179,10 +191,10 @@ def scan_bwd(xc, delta_f, delta_b, xdbl_f, xdbl_b, z, fwd, bwd, scale, psum, hs,
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     for i, (p, delta, xdbl) in enumerate(((fwd, delta_f, xdbl_f), (bwd, delta_b, xdbl_b))):
         _kernels()["scan_bwd"][grid](
-            xc[i], delta, xdbl, p.A_log, p.D, p.dt_proj_bias, z, psum, hs[i], dy, scratch,
+            xc[i], delta, xdbl, p.A_log, p.D, p.dt_proj_bias, z, psum[0], hs[i], dy, scratch,
             du[i], ddt[i], dz, dbc[i], dA[i], dD[i], dbias[i],
-            l, e, segs, xc.stride(1), xc.stride(2), z.stride(0), z.stride(1), dy.stride(0), dy.stride(1),
-            dz.stride(0), dz.stride(1), 1, p.A_log.stride(0), scale, REVERSE=i == 1, GATE=i == 0, **consts,
+            l, e, segs, xc.stride(1), xc.stride(2), z.stride(0), z.stride(1), psum.stride(1), psum.stride(2),
+            dz.stride(0), dz.stride(1), 1, p.A_log.stride(0), psum.stride(0), scale, REVERSE=i == 1, GATE=i == 0, **consts,
         )
     return du, ddt, dbc, dA.sum(1), dD.sum(1), dbias.sum(1)
 

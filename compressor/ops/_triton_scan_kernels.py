@@ -12,9 +12,8 @@ loads), and walks the sequence step by step, ``U`` steps unrolled per loop itera
 their loads and exponentials are issued ahead of the dependent state updates. The per-step
 cost is the same at every length: no tile padding, no power-of-two length.
 
-Both directions advance together (step ``s`` of each per iteration: twice the independent work
-per step, half the sequential steps); the reverse direction reads token ``l - 1 - s`` instead of
-a flipped copy. Everything accumulates in fp32. The unit channel stride ``s_1`` is passed at
+The two directions are separate programs (``program_id(2)``); the backward one reads token
+``l - 1 - s`` at step ``s`` instead of a flipped copy. Everything accumulates in fp32. The unit channel stride ``s_1`` is passed at
 run time (not specialised) so that Triton keeps one layout for every tile (channels across lanes
 and warps, states within a thread) instead of vectorising channel loads and shuffling.
 """
@@ -71,76 +70,66 @@ def _step(h, u, dl, bm, cm, a2, dskip):
     return h, tl.sum(tl.sum(h * cm, axis=0), axis=0) + dskip * u
 
 
-def scan_fwd_kernel(u_ptr, dtf_ptr, dtb_ptr, bcf_ptr, bcb_ptr, alogf_ptr, alogb_ptr, dskipf_ptr, dskipb_ptr,
-                    biasf_ptr, biasb_ptr, z_ptr, y_ptr, psum_ptr, hs_ptr,
-                    L, E, n_chunks, s_udir, s_ub, s_ul, s_zb, s_zl, s_yb, s_yl, s_1, s_an, s_hdir, scale,
+def scan_fwd_kernel(u_ptr, dt_ptr, bc_ptr, alog_ptr, dskip_ptr, bias_ptr, z_ptr, y_ptr, psum_ptr, hs_ptr,
+                    o_u, o_dt, o_bc, o_alog, o_dskip, o_bias, o_y, o_hs,
+                    L, E, n_chunks, s_ub, s_ul, s_zb, s_zl, s_yb, s_yl, s_1, s_an, scale,
                     STORE_PSUM: tl.constexpr, STORE_STATES: tl.constexpr, N: tl.constexpr, NB: tl.constexpr,
                     K: tl.constexpr, R: tl.constexpr, BD: tl.constexpr, U: tl.constexpr, S: tl.constexpr):
-    """Grid ``(b, cdiv(e, BD))``, ``BD // 32`` warps.
+    """Grid ``(b, cdiv(e, BD), 2)``, ``BD // 32`` warps; ``program_id(2)``: the direction (1 reads
+    the sequence backwards). Each pointer is the forward direction's tensor; ``o_*`` (elements)
+    reach the backward direction's (its own tensor, or the second half of a stacked one).
 
-    ``u: (2, b, l, e)`` conv outputs of both directions (``s_udir`` apart); ``dt{f,b}:
-    (b, l, e)`` Δ before its bias (strides of ``u``); ``bc{f,b}: (b, l, K)`` contiguous x_proj
-    outputs (``K = R + 2N``; B at column ``R``, C at ``R + N``); ``z, y, psum: (b, l, e)``;
-    ``A_log: (e, N)``; ``hs: (2, b, e, cdiv(l, S), N)`` fp32 states entering every ``S``-th step
-    (for the backward; ``S`` a multiple of ``U``). ``y = silu(z) * scale * (y_f + y_b)``; ``psum``: the same before
-    the gate.
+    ``u: (b, l, e)`` conv output; ``dt: (b, l, e)`` Δ before its bias (strides of ``u``);
+    ``bc: (b, l, K)`` contiguous x_proj output (``K = R + 2N``; B at column ``R``, C at
+    ``R + N``); ``z, y, psum: (b, l, e)`` (``y``, ``psum`` per direction); ``A_log: (e, N)``;
+    ``hs: (b, e, cdiv(l, S), N)`` fp32 states entering every ``S``-th step (``S`` a multiple of
+    ``U``). ``y = silu(z) * scale * (C.h + D u)`` of this direction (the caller adds the two);
+    ``psum``: the same before the gate.
 
-    Token ``t`` is reached by the forward direction at step ``t`` and by the backward one at
-    step ``l - 1 - t``; the first to reach it stores its part of ``y``, the second adds its
-    own, gates and stores (same thread: no barrier)."""
+    Each loop iteration first issues the loads of its ``U`` steps, then computes and stores them:
+    the compiler may not move a load above an earlier store (the tensors could alias), so this
+    order keeps one memory round trip per ``U`` steps instead of one per step."""
     pid_b = tl.program_id(0)
+    rev = tl.program_id(2)
     d = tl.program_id(1) * BD + tl.arange(0, BD)
     d_ok = d < E
     n = _state_index(N, NB)
-    a2f = -tl.exp(tl.load(alogf_ptr + d[None, None, :] * s_an + n * s_1, mask=d_ok[None, None, :], other=0.0).to(tl.float32)) * LOG2E
-    a2b = -tl.exp(tl.load(alogb_ptr + d[None, None, :] * s_an + n * s_1, mask=d_ok[None, None, :], other=0.0).to(tl.float32)) * LOG2E
-    dskipf = tl.load(dskipf_ptr + d * s_1, mask=d_ok, other=0.0).to(tl.float32)
-    dskipb = tl.load(dskipb_ptr + d * s_1, mask=d_ok, other=0.0).to(tl.float32)
-    biasf = tl.load(biasf_ptr + d * s_1, mask=d_ok, other=0.0).to(tl.float32)
-    biasb = tl.load(biasb_ptr + d * s_1, mask=d_ok, other=0.0).to(tl.float32)
-    uf_base = u_ptr + pid_b.to(tl.int64) * s_ub + d * s_1
-    ub_base = uf_base + s_udir
-    dtf_base = dtf_ptr + pid_b.to(tl.int64) * s_ub + d * s_1
-    dtb_base = dtb_ptr + pid_b.to(tl.int64) * s_ub + d * s_1
+    a2 = -tl.exp(tl.load(alog_ptr + rev * o_alog + d[None, None, :] * s_an + n * s_1, mask=d_ok[None, None, :],
+                         other=0.0).to(tl.float32)) * LOG2E
+    dskip = tl.load(dskip_ptr + rev * o_dskip + d * s_1, mask=d_ok, other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + rev * o_bias + d * s_1, mask=d_ok, other=0.0).to(tl.float32)
+    u_base = u_ptr + rev * o_u + pid_b.to(tl.int64) * s_ub + d * s_1
+    dt_base = dt_ptr + rev * o_dt + pid_b.to(tl.int64) * s_ub + d * s_1
     z_base = z_ptr + pid_b.to(tl.int64) * s_zb + d * s_1
-    y_base = y_ptr + pid_b.to(tl.int64) * s_yb + d * s_1
-    ps_base = psum_ptr + pid_b.to(tl.int64) * s_yb + d * s_1
-    bc_row = (pid_b * L).to(tl.int64) * K + R + n + d[None, None, :] * 0  # NB contiguous, rows 16-byte aligned
-    hs_off = (pid_b * E + d[None, None, :]).to(tl.int64) * tl.cdiv(L, S) * N + n
-    hf = tl.zeros([N // NB, NB, BD], dtype=tl.float32)
-    hb = tl.zeros([N // NB, NB, BD], dtype=tl.float32)
+    y_base = y_ptr + rev * o_y + pid_b.to(tl.int64) * s_yb + d * s_1
+    ps_base = psum_ptr + rev * o_y + pid_b.to(tl.int64) * s_yb + d * s_1
+    bc_base = bc_ptr + rev * o_bc + (pid_b * L).to(tl.int64) * K + R + n + d[None, None, :] * 0  # NB contiguous
+    hs_off = rev * o_hs + (pid_b * E + d[None, None, :]).to(tl.int64) * tl.cdiv(L, S) * N + n
+    h = tl.zeros([N // NB, NB, BD], dtype=tl.float32)
     for c in range(0, n_chunks):
         if STORE_STATES:
             if c % (S // U) == 0:
-                tl.store(hs_ptr + hs_off + c // (S // U) * N, hf, mask=d_ok[None, None, :])
-                tl.store(hs_ptr + s_hdir + hs_off + c // (S // U) * N, hb, mask=d_ok[None, None, :])
+                tl.store(hs_ptr + hs_off + c // (S // U) * N, h, mask=d_ok[None, None, :])
+        ins = ()
+        for k in tl.static_range(U):  # all loads of the U steps first
+            s = c * U + k
+            t = s + rev * (L - 1 - 2 * s)  # s, or l - 1 - s backwards
+            m = d_ok & (s < L)
+            ins = ins + ((tl.load(u_base + t * s_ul, mask=m, other=0.0), tl.load(dt_base + t * s_ul, mask=m, other=0.0),
+                          tl.load(bc_base + t * K, mask=s < L, other=0.0), tl.load(bc_base + N + t * K, mask=s < L, other=0.0),
+                          tl.load(z_base + t * s_zl, mask=m, other=0.0)),)
         for k in tl.static_range(U):
             s = c * U + k
-            ok = s < L
-            tf = s
-            tb = L - 1 - s
-            u, v, dl, bm, cm = _step_inputs(uf_base, dtf_base, bcf_ptr + bc_row, biasf, tf, ok, d_ok, s_ul, K, N)
-            hf, pf = _step(hf, u, dl, bm, cm, a2f, dskipf)
-            u, v, dl, bm, cm = _step_inputs(ub_base, dtb_base, bcb_ptr + bc_row, biasb, tb, ok, d_ok, s_ul, K, N)
-            hb, pb = _step(hb, u, dl, bm, cm, a2b, dskipb)
-            pf = pf * scale
-            pb = pb * scale
-            m = d_ok & ok
-            first = m & (tf < tb)  # each direction comes first on its own half
-            second = m & (tf > tb)
-            mid = m & (tf == tb)
-            # forward direction at token tf: its own half first, the other half second, the middle both
-            tot = pf + tl.load(y_base + tf * s_yl, mask=second, other=0.0).to(tl.float32) + tl.where(mid, pb, 0.0)
-            g = _silu(tl.load(z_base + tf * s_zl, mask=second | mid, other=0.0).to(tl.float32))
+            t = s + rev * (L - 1 - 2 * s)
+            m = d_ok & (s < L)
+            u_, v_, b_, c_, z_ = ins[k]
+            u = u_.to(tl.float32)
+            dl = tl.where(m, _softplus(v_.to(tl.float32) + bias), 0.0)  # padding: decay 1, input 0
+            h, p = _step(h, u, dl, b_.to(tl.float32), c_.to(tl.float32), a2, dskip)
+            p = p * scale
             if STORE_PSUM:
-                tl.store(ps_base + tf * s_yl, tot.to(psum_ptr.dtype.element_ty), mask=second | mid)
-            tl.store(y_base + tf * s_yl, tl.where(first, pf, tot * g).to(y_ptr.dtype.element_ty), mask=m)
-            # backward direction at token tb (the middle is done)
-            tot = pb + tl.load(y_base + tb * s_yl, mask=second, other=0.0).to(tl.float32)
-            g = _silu(tl.load(z_base + tb * s_zl, mask=second, other=0.0).to(tl.float32))
-            if STORE_PSUM:
-                tl.store(ps_base + tb * s_yl, tot.to(psum_ptr.dtype.element_ty), mask=second)
-            tl.store(y_base + tb * s_yl, tl.where(first, pb, tot * g).to(y_ptr.dtype.element_ty), mask=first | second)
+                tl.store(ps_base + t * s_yl, p.to(psum_ptr.dtype.element_ty), mask=m)
+            tl.store(y_base + t * s_yl, (p * _silu(z_.to(tl.float32))).to(y_ptr.dtype.element_ty), mask=m)
 
 
 @_jit
@@ -203,12 +192,12 @@ def _bwd_segment(u_base, dt_base, bc_base, dbc_base, du_base, ddt_base, dy_base,
 
 def scan_bwd_kernel(u_ptr, dt_ptr, bc_ptr, alog_ptr, dskip_ptr, bias_ptr, z_ptr, psum_ptr, hs_ptr, dy_ptr, scratch_ptr,
                     du_ptr, ddt_ptr, dz_ptr, dbc_ptr, dA_ptr, dD_ptr, dbias_ptr,
-                    L, E, n_seg, s_ub, s_ul, s_zb, s_zl, s_yb, s_yl, s_dzb, s_dzl, s_1, s_an, scale,
+                    L, E, n_seg, s_ub, s_ul, s_zb, s_zl, s_yb, s_yl, s_dzb, s_dzl, s_1, s_an, s_pdir, scale,
                     REVERSE: tl.constexpr, GATE: tl.constexpr, N: tl.constexpr, NB: tl.constexpr, K: tl.constexpr,
                     R: tl.constexpr, BD: tl.constexpr, S: tl.constexpr):
     """Backward of one direction of :func:`scan_fwd_kernel` (``REVERSE``: the backward direction),
-    same grid; inputs as the forward's for that direction, with ``psum`` and this direction's
-    ``hs: (b, e, cdiv(l, S), N)`` saved by it, and ``dy: (b, l, e)`` (strides of ``y``);
+    grid ``(b, cdiv(e, BD))``; inputs as the forward's for that direction, with both directions'
+    ``psum`` (``s_pdir`` apart) and this direction's ``hs: (b, e, cdiv(l, S), N)`` saved by it, and ``dy: (b, l, e)`` (strides of ``y``);
     ``scratch``: fp32, ``b * cdiv(e, BD) * (S + 1) * N * BD`` elements. Outputs: ``du, ddt:
     (b, l, e)`` (strides of ``u``; ``ddt`` = gradient of Δ before its bias); with ``GATE``
     (one of the two launches) ``dz`` (strides ``s_dzb, s_dzl, 1``); ``dbc: (b, l, 2N)`` fp32,
@@ -242,13 +231,14 @@ def scan_bwd_kernel(u_ptr, dt_ptr, bc_ptr, alog_ptr, dskip_ptr, bias_ptr, z_ptr,
     for i in range(0, n_seg):
         seg = n_seg - 1 - i
         if GATE:
-            for k in range(0, S):  # gate gradient, once per token: dz = dy * psum * silu'(z)
+            for k in range(0, S):  # gate gradient, once per token: dz = dy * (psum_f + psum_b) * silu'(z)
                 t = seg * S + k
                 m = d_ok & (t < L)
                 zt = tl.load(z_base + t * s_zl, mask=m, other=0.0).to(tl.float32)
                 sz = 1.0 / (1.0 + tl.exp(-zt))
+                ps = psum_ptr + pid_b.to(tl.int64) * s_yb + d * s_1 + t * s_yl
                 dz = tl.load(dy_base + t * s_yl, mask=m, other=0.0).to(tl.float32) * \
-                    tl.load(psum_ptr + pid_b.to(tl.int64) * s_yb + d * s_1 + t * s_yl, mask=m, other=0.0).to(tl.float32)
+                    (tl.load(ps, mask=m, other=0.0).to(tl.float32) + tl.load(ps + s_pdir, mask=m, other=0.0).to(tl.float32))
                 tl.store(dz_ptr + pid_b.to(tl.int64) * s_dzb + d * s_1 + t * s_dzl,
                          (dz * sz * (1.0 + zt * (1.0 - sz))).to(dz_ptr.dtype.element_ty), mask=m)
         h0 = tl.load(hs_ptr + hs_off + seg * N, mask=dm, other=0.0)
