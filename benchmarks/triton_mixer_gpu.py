@@ -54,6 +54,8 @@ def _args(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--graph-repeats", type=int, default=30)
     p.add_argument("--retrain-steps", type=int, default=8)
+    p.add_argument("--tune-batches", default="128,1", help="batch sizes the tune section times")
+    p.add_argument("--tune-configs", default="16x4,32x2,32x4,64x4,128x4", help="scan tiles bd x u to time")
     p.add_argument("--tuning", default=None, help="JSON of TUNING overrides applied before anything (skips nothing)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, vim_test, for a CPU check of the script")
     p.add_argument("--out", default="triton_mixer.json")
@@ -114,10 +116,12 @@ def _mixer_inputs(b, l, d, dtype, seed=0):
 
 def tune(a, results):
     """Scan kernel alone under several tiles; applies the fastest per regime to ``TUNING``."""
-    d, configs = (384, [(16, 4), (32, 2), (32, 4), (64, 4), (128, 4)]) if not a.smoke else (32, [(32, 2)])
+    configs = [tuple(int(v) for v in c.split("x")) for c in a.tune_configs.split(",")]
+    d, configs = (384, configs) if not a.smoke else (32, [(32, 2)])
     rows = []
     best = {}
-    for b, l in ((128, 197), (128, 136), (1, 197), (1, 136)) if not a.smoke else ((1, 9),):
+    batches = [int(v) for v in a.tune_batches.split(",")]
+    for b, l in [(b, l) for b in batches for l in (197, 136)] if not a.smoke else ((1, 9),):
         m, h = _mixer_inputs(b, l, d, torch.float16)
         fwd, bwd = m._params(False), m._params(True)
         with torch.no_grad():

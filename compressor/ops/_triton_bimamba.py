@@ -38,10 +38,10 @@ __all__ = ["available", "interpreting", "bimamba_inner_triton", "TUNING", "scan_
 #: applies when the large tile would give fewer than ``small_below`` programs (small batches
 #: want parallelism more than reuse).
 TUNING = {
-    "scan": {"bd": 128, "u": 4},
+    "scan": {"bd": 32, "u": 2},
     "scan_small": {"bd": 32, "u": 4},
-    "scan_bwd": {"bd": 32},
-    "scan_bwd_small": {"bd": 32},
+    "scan_bwd": {"bd": 32, "ub": 2},
+    "scan_bwd_small": {"bd": 32, "ub": 2},
     "save_every": 16,
     "small_below": 264,
     "conv": {"bl": 16, "bd": 128, "warps": 4},
@@ -194,7 +194,8 @@ def scan_bwd(xc, delta_f, delta_b, xdbl_f, xdbl_b, z, fwd, bwd, scale, psum, hs,
             xc[i], delta, xdbl, p.A_log, p.D, p.dt_proj_bias, z, psum[0], hs[i], dy, scratch,
             du[i], ddt[i], dz, dbc[i], dA[i], dD[i], dbias[i],
             l, e, segs, xc.stride(1), xc.stride(2), z.stride(0), z.stride(1), psum.stride(1), psum.stride(2),
-            dz.stride(0), dz.stride(1), 1, p.A_log.stride(0), psum.stride(0), scale, REVERSE=i == 1, GATE=i == 0, **consts,
+            dz.stride(0), dz.stride(1), 1, p.A_log.stride(0), psum.stride(0), scale, REVERSE=i == 1, GATE=i == 0,
+            UB=math.gcd(cfg.get("ub", 1), consts["S"]), **consts,
         )
     return du, ddt, dbc, dA.sum(1), dD.sum(1), dbias.sum(1)
 

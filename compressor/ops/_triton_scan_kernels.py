@@ -135,7 +135,8 @@ def scan_fwd_kernel(u_ptr, dt_ptr, bc_ptr, alog_ptr, dskip_ptr, bias_ptr, z_ptr,
 @_jit
 def _bwd_segment(u_base, dt_base, bc_base, dbc_base, du_base, ddt_base, dy_base, z_base, scratch, h, a2, bias, dskip,
                  g, a_next, dA, dD, dbias, seg, d_ok, L, s_ul, s_yl, s_zl, scale,
-                 REVERSE: tl.constexpr, N: tl.constexpr, NB: tl.constexpr, K: tl.constexpr, S: tl.constexpr):
+                 REVERSE: tl.constexpr, N: tl.constexpr, NB: tl.constexpr, K: tl.constexpr, S: tl.constexpr,
+                 UB: tl.constexpr):
     """Segment ``seg`` (steps ``seg*S .. seg*S + S - 1`` in scan order) of one direction's backward.
 
     ``h`` is the state the forward saved at the segment's start, ``g`` the gradient of the state
@@ -146,47 +147,64 @@ def _bwd_segment(u_base, dt_base, bc_base, dbc_base, du_base, ddt_base, dy_base,
     the carries and the running per-channel sums."""
     n = _state_index(N, NB)
     tl.store(scratch, h)
-    for k in range(0, S):  # recompute: scratch[k] holds the state entering step k
-        s = seg * S + k
-        if REVERSE:
-            t = L - 1 - s
-        else:
-            t = s
-        u, v, dl, bm, cm = _step_inputs(u_base, dt_base, bc_base, bias, t, s < L, d_ok, s_ul, K, N)
-        h, _ = _step(h, u, dl, bm, cm, a2, dskip)
-        tl.store(scratch + (k + 1) * N, h)
-    for kk in range(0, S):
-        k = S - 1 - kk
-        s = seg * S + k
-        ok = s < L
-        if REVERSE:
-            t = L - 1 - s
-        else:
-            t = s
-        m = d_ok & ok
-        u, v, dl, bm, cm = _step_inputs(u_base, dt_base, bc_base, bias, t, ok, d_ok, s_ul, K, N)
-        dp = tl.load(dy_base + t * s_yl, mask=m, other=0.0).to(tl.float32) * \
-            _silu(tl.load(z_base + t * s_zl, mask=m, other=0.0).to(tl.float32)) * scale
-        a = tl.exp2(dl[None, None, :] * a2)
-        h_prev = tl.load(scratch + k * N)
-        ah = a * h_prev  # a_t h_{t-1}
-        g = cm * dp[None, None, :] + a_next * g
-        a_next = a
-        gb = tl.sum(tl.sum(g * bm, axis=0), axis=0)
-        gah = tl.sum(tl.sum(g * ah * a2, axis=0), axis=0) * LN2  # A = a2 ln 2
-        dv = (u * gb + gah) * tl.where(v > 20.0, 1.0, 1.0 / (1.0 + tl.exp(-v)))  # softplus' = sigmoid
-        dv = tl.where(m, dv, 0.0)
-        tl.store(du_base + t * s_ul, (dl * gb + dskip * dp).to(du_base.dtype.element_ty), mask=m)
-        tl.store(ddt_base + t * s_ul, dv.to(ddt_base.dtype.element_ty), mask=m)
-        # dB, dC summed over this program's channels, added into the fp32 buffer
-        tl.atomic_add(dbc_base + t * (2 * N) + n, tl.sum(g * (dl * u)[None, None, :], axis=2, keep_dims=True),
-                      mask=ok, sem="relaxed")
-        tl.atomic_add(dbc_base + N + t * (2 * N) + n, tl.sum(h * dp[None, None, :], axis=2, keep_dims=True),
-                      mask=ok, sem="relaxed")
-        dA += g * ah * dl[None, None, :]
-        dD += dp * u
-        dbias += dv
-        h = h_prev
+    # loads of UB steps are issued before their stores (see scan_fwd_kernel): one memory round
+    # trip per UB steps in both passes
+    for gi in range(0, S // UB):  # recompute: scratch[k] holds the state entering step k
+        ins = ()
+        for j in tl.static_range(UB):
+            s = seg * S + gi * UB + j
+            t = s + REVERSE * (L - 1 - 2 * s)
+            m = d_ok & (s < L)
+            ins = ins + ((tl.load(u_base + t * s_ul, mask=m, other=0.0), tl.load(dt_base + t * s_ul, mask=m, other=0.0),
+                          tl.load(bc_base + t * K, mask=s < L, other=0.0), tl.load(bc_base + N + t * K, mask=s < L, other=0.0)),)
+        for j in tl.static_range(UB):
+            s = seg * S + gi * UB + j
+            u_, v_, b_, c_ = ins[j]
+            dl = tl.where(d_ok & (s < L), _softplus(v_.to(tl.float32) + bias), 0.0)
+            h, _ = _step(h, u_.to(tl.float32), dl, b_.to(tl.float32), c_.to(tl.float32), a2, dskip)
+            tl.store(scratch + (gi * UB + j + 1) * N, h)
+    for gi in range(0, S // UB):
+        ins = ()
+        for j in tl.static_range(UB):  # steps k = S-1-gi*UB-j, last to first
+            s = seg * S + S - 1 - gi * UB - j
+            t = s + REVERSE * (L - 1 - 2 * s)
+            m = d_ok & (s < L)
+            ins = ins + ((tl.load(u_base + t * s_ul, mask=m, other=0.0), tl.load(dt_base + t * s_ul, mask=m, other=0.0),
+                          tl.load(bc_base + t * K, mask=s < L, other=0.0), tl.load(bc_base + N + t * K, mask=s < L, other=0.0),
+                          tl.load(dy_base + t * s_yl, mask=m, other=0.0), tl.load(z_base + t * s_zl, mask=m, other=0.0)),)
+        for j in tl.static_range(UB):
+            k = S - 1 - gi * UB - j
+            s = seg * S + k
+            ok = s < L
+            t = s + REVERSE * (L - 1 - 2 * s)
+            m = d_ok & ok
+            u_, v_, b_, c_, dy_, z_ = ins[j]
+            u = u_.to(tl.float32)
+            v = v_.to(tl.float32) + bias
+            dl = tl.where(m, _softplus(v), 0.0)
+            bm = b_.to(tl.float32)
+            cm = c_.to(tl.float32)
+            dp = dy_.to(tl.float32) * _silu(z_.to(tl.float32)) * scale
+            a = tl.exp2(dl[None, None, :] * a2)
+            h_prev = tl.load(scratch + k * N)  # written by this thread: a cache hit
+            ah = a * h_prev  # a_t h_{t-1}
+            g = cm * dp[None, None, :] + a_next * g
+            a_next = a
+            gb = tl.sum(tl.sum(g * bm, axis=0), axis=0)
+            gah = tl.sum(tl.sum(g * ah * a2, axis=0), axis=0) * LN2  # A = a2 ln 2
+            dv = (u * gb + gah) * tl.where(v > 20.0, 1.0, 1.0 / (1.0 + tl.exp(-v)))  # softplus' = sigmoid
+            dv = tl.where(m, dv, 0.0)
+            tl.store(du_base + t * s_ul, (dl * gb + dskip * dp).to(du_base.dtype.element_ty), mask=m)
+            tl.store(ddt_base + t * s_ul, dv.to(ddt_base.dtype.element_ty), mask=m)
+            # dB, dC summed over this program's channels, added into the fp32 buffer
+            tl.atomic_add(dbc_base + t * (2 * N) + n, tl.sum(g * (dl * u)[None, None, :], axis=2, keep_dims=True),
+                          mask=ok, sem="relaxed")
+            tl.atomic_add(dbc_base + N + t * (2 * N) + n, tl.sum(h * dp[None, None, :], axis=2, keep_dims=True),
+                          mask=ok, sem="relaxed")
+            dA += g * ah * dl[None, None, :]
+            dD += dp * u
+            dbias += dv
+            h = h_prev
     return g, a_next, dA, dD, dbias
 
 
@@ -194,7 +212,7 @@ def scan_bwd_kernel(u_ptr, dt_ptr, bc_ptr, alog_ptr, dskip_ptr, bias_ptr, z_ptr,
                     du_ptr, ddt_ptr, dz_ptr, dbc_ptr, dA_ptr, dD_ptr, dbias_ptr,
                     L, E, n_seg, s_ub, s_ul, s_zb, s_zl, s_yb, s_yl, s_dzb, s_dzl, s_1, s_an, s_pdir, scale,
                     REVERSE: tl.constexpr, GATE: tl.constexpr, N: tl.constexpr, NB: tl.constexpr, K: tl.constexpr,
-                    R: tl.constexpr, BD: tl.constexpr, S: tl.constexpr):
+                    R: tl.constexpr, BD: tl.constexpr, S: tl.constexpr, UB: tl.constexpr):
     """Backward of one direction of :func:`scan_fwd_kernel` (``REVERSE``: the backward direction),
     grid ``(b, cdiv(e, BD))``; inputs as the forward's for that direction, with both directions'
     ``psum`` (``s_pdir`` apart) and this direction's ``hs: (b, e, cdiv(l, S), N)`` saved by it, and ``dy: (b, l, e)`` (strides of ``y``);
@@ -244,7 +262,7 @@ def scan_bwd_kernel(u_ptr, dt_ptr, bc_ptr, alog_ptr, dskip_ptr, bias_ptr, z_ptr,
         h0 = tl.load(hs_ptr + hs_off + seg * N, mask=dm, other=0.0)
         g, a_next, dA, dD, dbias = _bwd_segment(
             u_ptr + row, dt_ptr + row, bc_base, dbc_base, du_ptr + row, ddt_ptr + row, dy_base, z_base, scratch, h0,
-            a2, bias, dskip, g, a_next, dA, dD, dbias, seg, d_ok, L, s_ul, s_yl, s_zl, scale, REVERSE, N, NB, K, S)
+            a2, bias, dskip, g, a_next, dA, dD, dbias, seg, d_ok, L, s_ul, s_yl, s_zl, scale, REVERSE, N, NB, K, S, UB)
     tl.store(dA_ptr + (pid_b * E + d[None, None, :]).to(tl.int64) * N + n, dA, mask=dm)
     tl.store(dD_ptr + pid_b.to(tl.int64) * E + d, dD, mask=d_ok)
     tl.store(dbias_ptr + pid_b.to(tl.int64) * E + d, dbias, mask=d_ok)
