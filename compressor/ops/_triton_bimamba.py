@@ -40,8 +40,8 @@ __all__ = ["available", "interpreting", "bimamba_inner_triton", "TUNING", "scan_
 TUNING = {
     "scan": {"bd": 32, "u": 2},
     "scan_small": {"bd": 32, "u": 4},
-    "scan_bwd": {"bd": 32, "ub": 2},
-    "scan_bwd_small": {"bd": 32, "ub": 2},
+    "scan_bwd": {"bd": 32, "ub": 1},
+    "scan_bwd_small": {"bd": 32, "ub": 1},
     "save_every": 16,
     "small_below": 264,
     "conv": {"bl": 16, "bd": 128, "warps": 4},
