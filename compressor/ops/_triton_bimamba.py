@@ -7,11 +7,12 @@ no transposes and no flipped copies. Forward, per mixer:
 2. ``conv_fwd_kernel``: both directions' depthwise conv + bias + SiLU from one read of ``x``
    → ``xc: (2, b, l, e)``, the backward direction's already in token order.
 3. ``x_proj``, ``dt_proj`` of each direction (cuBLAS) → ``xdbl: (b, l, r + 2n)``, ``Δ: (b, l, e)``.
-4. ``scan_fwd_kernel``: both scans (the second reads the sequence backwards), skip ``D``,
-   ``Δ`` bias + softplus, the sum (or mean) of the two directions and the ``silu(z)`` gate
-   → ``y: (b, l, e)``; fp32 state and accumulation for fp16/bf16/fp32 inputs.
+4. ``scan_fwd_kernel``: one program set per direction (the backward one reads the sequence
+   backwards), with the skip ``D``, ``Δ`` bias + softplus, the ``silu(z)`` gate and the ``1/2`` of
+   ``divide_out``; fp32 state and accumulation for fp16/bf16/fp32 inputs. The two gated halves
+   are added after the kernel → ``y: (b, l, e)``.
 
-Backward (:class:`BiMambaInnerFn`): ``scan_bwd_kernel`` (both directions; each chunk recomputes its
+Backward (:class:`BiMambaInnerFn`): ``scan_bwd_kernel`` (one launch per direction; each segment recomputes its
 states from the state saved at its start), the projections' gradients with cuBLAS, then
 ``conv_bwd_kernel``. On a CPU the same kernels run in Triton's interpreter when
 ``TRITON_INTERPRET=1`` was set before Triton was imported (the test suite does so without CUDA).
@@ -32,11 +33,12 @@ except ImportError:  # pragma: no cover - depends on the platform
 
 __all__ = ["available", "interpreting", "bimamba_inner_triton", "TUNING", "scan_config"]
 
-#: Launch parameters. Scan: ``bd`` channels per program (one per thread, ``bd // 32`` warps), ``u``
-#: steps unrolled per loop iteration; the forward saves the states every ``s`` steps (a multiple
-#: of ``u``) for the backward, which recomputes each segment of ``s`` steps. ``*_small``
-#: applies when the large tile would give fewer than ``small_below`` programs (small batches
-#: want parallelism more than reuse).
+#: Launch parameters (``benchmarks/triton_mixer_gpu.py --sections tune`` times alternatives; these
+#: were fastest on an H200). Scan: ``bd`` channels per program (one per thread, ``bd // 32``
+#: warps), ``u`` steps per loop iteration (their loads issued together); the forward saves the
+#: states every ``save_every`` steps for the backward, which recomputes each segment and walks it
+#: back ``ub`` steps at a time (``ub: 2`` passed the GPU tests but is untimed). ``*_small``
+#: applies when the large tile would give fewer than ``small_below`` programs.
 TUNING = {
     "scan": {"bd": 32, "u": 2},
     "scan_small": {"bd": 32, "u": 4},

@@ -50,19 +50,6 @@ def _state_index(N: tl.constexpr, NB: tl.constexpr):
 
 
 @_jit
-def _step_inputs(u_base, dt_base, bc_base, bias, t, ok, d_ok, s_ul, K: tl.constexpr, N: tl.constexpr):
-    """Token ``t``'s inputs: ``u, v, dl: (BD,)`` fp32 (``v`` = Δ + bias, ``dl`` = softplus(v),
-    0 when ``not ok``) and ``B, C: (NA, NB, BD)`` fp32 (equal along channels)."""
-    m = d_ok & ok
-    u = tl.load(u_base + t * s_ul, mask=m, other=0.0).to(tl.float32)
-    v = tl.load(dt_base + t * s_ul, mask=m, other=0.0).to(tl.float32) + bias
-    dl = tl.where(m, _softplus(v), 0.0)  # padding: decay 1, input 0, the state passes through
-    bm = tl.load(bc_base + t * K, mask=ok, other=0.0).to(tl.float32)
-    cm = tl.load(bc_base + N + t * K, mask=ok, other=0.0).to(tl.float32)
-    return u, v, dl, bm, cm
-
-
-@_jit
 def _step(h, u, dl, bm, cm, a2, dskip):
     """One step: ``h = exp(Δ A) h + Δ u B``, ``p = C.h + D u``."""
     a = tl.exp2(dl[None, None, :] * a2)
