@@ -116,8 +116,10 @@ def _environment_rows() -> list[tuple[str, str]]:
     if not torch.cuda.is_available():
         backend, merges = "ref (no CUDA device: pure-PyTorch reference scan)", "torch reference (no CUDA device)"
     else:
-        backend = ("cuda (mamba-ssm / causal-conv1d kernels) on GPU, ref on CPU" if all(ops.kernels_available().values())
-                   else "chunked on GPU (kernels not installed), ref on CPU")
+        which = ops.resolve_backend("auto", torch.empty(0, device="cuda"))
+        what = {"triton": "rmeeto's Triton kernels", "cuda": "mamba-ssm / causal-conv1d kernels",
+                "chunked": "pure-PyTorch chunked scan"}[which]
+        backend = f"{which} ({what}) on GPU, ref on CPU"
         merges = ("triton (3 kernels per merge) for inference on GPU, torch reference for training / CPU / export"
                   if inference_merge_impl("auto", "cuda") == "triton" else "torch reference (Triton not installed)")
     return [("backend auto", backend), ("merges auto", merges)]
