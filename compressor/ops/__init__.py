@@ -1,9 +1,10 @@
 """The hot ops of a Mamba block behind one dispatcher.
 
 Backends:
-- ``ref``: sequential pure-PyTorch scan (fp32 accumulation). Forward and backward on any device.
+- ``ref``: sequential pure-PyTorch scan (fp32 accumulation). Forward and backward on any device;
+  the backward keeps ``O(b·d·l)`` and recomputes states chunk by chunk (``_scan_lean``).
 - ``chunked``: two-level chunked scan (~2√l loop steps, standard ops): few launches on a GPU
-  without kernels, and the form exported to ONNX.
+  without kernels, and the form exported to ONNX; the same lean backward.
 - ``cuda``: mamba-ssm / causal-conv1d kernels (and the fused add+RMSNorm Triton kernel).
 - ``triton``: rmeeto's own Triton kernels (no compile step; Triton ships with torch on Linux)
   for :func:`bimamba_inner` (the whole bidirectional mixer but ``out_proj``, forward and
@@ -11,7 +12,8 @@ Backends:
   :func:`causal_conv1d` run ``cuda`` or ``chunked`` under it.
 - ``auto``: on CUDA tensors the first present of :data:`AUTO_CUDA_ORDER` (fastest first, as
   measured: docs/benchmarks.md), ``ref`` on CPU (measured fastest there: it moves the fewest
-  bytes); always ``chunked`` while exporting.
+  bytes; benchmarks/bench_cpu_retrain.py); always ``chunked`` while exporting (both
+  pure-PyTorch scans then use their plain autograd forms).
 """
 
 from __future__ import annotations
