@@ -35,7 +35,7 @@ def compress(
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the re-training run saved in OUT/checkpoint.pt.")] = False,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda if available; torchrun: cuda:LOCAL_RANK).")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Data loader worker processes (default: the recipe's).", min=0)] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Data loader worker processes (default: the recipe's, at most one per core but one).", min=0)] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed of the re-training run (default: the recipe's).", min=0)] = None,
 ):
     """Merge tokens: convert the model with a recipe and write OUT/compressed.pt; with --data also

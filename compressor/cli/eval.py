@@ -23,7 +23,7 @@ def eval_(
     family: Annotated[
         Optional[Family], typer.Option(help="Model family of an official checkpoint (default vim; the file cannot tell).")
     ] = None,
-    workers: Annotated[int, typer.Option(help="Data loader worker processes.", min=0)] = 4,
+    workers: Annotated[Optional[int], typer.Option(help="Data loader worker processes (default: one per core but one, at most 4).", min=0)] = None,
     model_factory: ModelFactory = None,
     model_kwargs: ModelKwargs = None,
     crop_pct: Annotated[Optional[float], typer.Option(help="Center-crop fraction (default: the checkpoint's recipe, else 0.875).", min=0.1, max=1.0)] = None,

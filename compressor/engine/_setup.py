@@ -13,6 +13,7 @@ from .._io import atomic_write_text
 from .._io import check_out_dir as _check_writable
 from ..errors import RmeetoError
 from ._build import amp_settings, build_optimizer, build_scheduler, prepare_teacher, scaled_lr
+from ._memory import available_bytes, fit_batch_size, probe_step_memory
 from ._state import FitResult, RunLog, TrainState
 from ._summary import print_summary, summary_rows, write_summary
 from .checkpoint import capture_rng, check_resumable, load_checkpoint, restore_rng, save_checkpoint
@@ -49,6 +50,24 @@ def load_resume(path: Path, recipe, arch: dict, world_size: int) -> tuple[dict, 
             f"or delete {path}"
         )
     return ckpt, changed
+
+
+def fit_batch_to_memory(student, recipe, d, *, explicit: bool, reporter):
+    """The recipe with a batch whose step fits in memory (:mod:`._memory`): an explicit
+    ``--batch-size`` (or a resumed run's batch) that does not fit stops with one line naming one
+    that does; the recipe's default is lowered to the largest that fits, said in one line. All
+    ranks agree (the smallest wins). ``student``: from make_student (moved to the device)."""
+    from ..recipes import with_overrides
+
+    rt = recipe.retrain
+    amp_dtype, _, _ = amp_settings(rt.amp, d.device)
+    mem = probe_step_memory(student.to(d.device), student.layout.input_shape, d.device, amp_dtype)
+    batch, note = fit_batch_size(rt.batch_size, explicit, mem, available_bytes(d.device), d.device.type)
+    if d.enabled:
+        batch = int(-d.all_reduce([-float(batch)], op="max")[0])
+    if note:
+        reporter.line(note)
+    return with_overrides(recipe, batch_size=batch) if batch != rt.batch_size else recipe
 
 
 def seed_everything(seed: int) -> None:
@@ -95,8 +114,12 @@ def describe(state: TrainState, recipe, steps: int) -> str:
     return (
         f"re-training {recipe.name}: {rt.epochs} epoch(s) x {steps} steps, batch {rt.batch_size}{procs}, "
         f"lr {scaled_lr(rt.lr, rt.batch_size, d.world_size):.3g} (base {rt.lr:g} per 512), {amp}, "
-        f"distillation {'on' if rt.distill else 'off'}, {d.device}"
+        f"distillation {'on' if rt.distill else 'off'}, {d.device}{_threads(d.device)}"
     )
+
+
+def _threads(device: torch.device) -> str:
+    return f" ({torch.get_num_threads()} thread(s))" if device.type == "cpu" else ""
 
 
 def restore_state(state: TrainState, ckpt: dict, recipe, run: RunLog, reporter, path: Path, *, steps: int,

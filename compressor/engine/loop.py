@@ -21,11 +21,12 @@ import torch.nn.functional as F
 from ..errors import RmeetoError
 from .._io import make_out_dir
 from ._build import lr_warning, make_student
+from ._cpu import cpu_threads
 from ._progress import Reporter, StopFlag, fmt_rate
-from ._setup import (CHECKPOINT, check_out_dir, describe, finish, load_resume, new_state, restore_state, save_outputs,
-                     save_training_checkpoint, seed_everything)
+from ._setup import (CHECKPOINT, check_out_dir, describe, finish, fit_batch_to_memory, load_resume, new_state,
+                     restore_state, save_outputs, save_training_checkpoint, seed_everything)
 from ._state import FitResult, RunLog, TrainState
-from .data import check_data_dir
+from .data import auto_num_workers, check_data_dir
 from .distributed import Dist
 
 __all__ = [
@@ -173,8 +174,10 @@ def fit(student, teacher, recipe, data_dir, out_dir, *, epochs=None, batch_size=
     ``student``: a model converted with ``recipe`` (or None: converted here from ``teacher``);
     ``teacher``: the pretrained model. Keyword arguments that are not None override the
     recipe's ``[retrain]`` values (command line > recipe > default; ``lr`` is the base lr for
-    a global batch of 512). ``device``: ``cpu``, ``cuda``, ``cuda:N`` or None (auto; under
-    torchrun ``cuda:LOCAL_RANK``). ``resume``: continue ``out_dir/checkpoint.pt``. ``no_aug``:
+    a global batch of 512; without ``num_workers`` the recipe's count is capped to the cores,
+    :func:`~compressor.engine.data.auto_num_workers`; without ``batch_size`` the recipe's batch
+    is lowered when its step would not fit in memory, :mod:`compressor.engine._memory`).
+    ``device``: ``cpu``, ``cuda``, ``cuda:N`` or None (auto; under torchrun ``cuda:LOCAL_RANK``). ``resume``: continue ``out_dir/checkpoint.pt``. ``no_aug``:
     deterministic resize + crop instead of the DeiT augmentation (debugging, tests).
 
     Raises :class:`RmeetoError` for bad inputs (before any work), :class:`NonFiniteLoss` and
@@ -186,6 +189,8 @@ def fit(student, teacher, recipe, data_dir, out_dir, *, epochs=None, batch_size=
     # command line > recipe > default: with_overrides keeps the recipe's value for None
     recipe = with_overrides(recipe if isinstance(recipe, Recipe) else load_recipe(recipe), epochs=epochs, batch_size=batch_size, lr=lr, distill=distill, seed=seed,
                             num_workers=num_workers)
+    if num_workers is None:  # not asked for: the recipe's count is a ceiling, sized to this machine's cores
+        recipe = with_overrides(recipe, num_workers=auto_num_workers(recipe.retrain.num_workers))
     from ..convert import ConvertedModel
 
     if not isinstance(teacher, torch.nn.Module) or isinstance(teacher, ConvertedModel):
@@ -194,9 +199,9 @@ def fit(student, teacher, recipe, data_dir, out_dir, *, epochs=None, batch_size=
     d = init_distributed(device)
     reporter = Reporter(enabled=d.is_main, console=console)
     try:
-        with reporter, StopFlag(reporter) as stop:
+        with reporter, StopFlag(reporter) as stop, cpu_threads(d.device):
             return _fit(student, teacher, recipe, data_dir, out_dir, d, reporter, stop, resume=resume,
-                        log_every=max(1, log_every), no_aug=no_aug)
+                        log_every=max(1, log_every), no_aug=no_aug, explicit_batch=batch_size is not None)
     except KeyboardInterrupt:
         raise TrainingInterrupted(
             f"aborted by a second Ctrl-C without saving: {out_dir}/{CHECKPOINT} keeps the last complete checkpoint; "
@@ -206,12 +211,19 @@ def fit(student, teacher, recipe, data_dir, out_dir, *, epochs=None, batch_size=
         d.close()
 
 
-def _fit(student, teacher, recipe, data_dir, out_dir, d, reporter, stop, *, resume, log_every, no_aug) -> FitResult:
+def _fit(student, teacher, recipe, data_dir, out_dir, d, reporter, stop, *, resume, log_every, no_aug,
+         explicit_batch) -> FitResult:
     # every check first (data, output folder, resume, loaders), the output folder created after
     student = make_student(student if student is not None else teacher, recipe)
     spec = check_data_dir(data_dir, num_classes=student.layout.num_classes)
     out = check_out_dir(out_dir, resume)
     ckpt, changed = load_resume(out / CHECKPOINT, recipe, student.source(), d.world_size) if resume else (None, {})
+    if ckpt is not None and not explicit_batch and "batch_size" in changed:
+        from ..recipes import with_overrides  # no --batch-size: the run keeps its own batch (maybe fitted to the memory)
+
+        recipe = with_overrides(recipe, batch_size=changed.pop("batch_size")[0])
+    # the batch against the memory, before any loader or step; a resumed run's batch is as if asked for
+    recipe = fit_batch_to_memory(student, recipe, d, explicit=explicit_batch or ckpt is not None, reporter=reporter)
     state, (train_loader, val_loader), teacher = new_state(student, teacher, recipe, spec, d, stop,
                                                            log_every=log_every, no_aug=no_aug)
     if d.is_main:
