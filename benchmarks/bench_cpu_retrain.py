@@ -90,7 +90,7 @@ def _time(fn, repeats: int, max_seconds: float) -> dict:
 
 def throughput(args) -> dict:
     torch, compressor = _import(args.repo)
-    from compressor.models import load_model, set_backend
+    from compressor import load_model, set_backend
 
     model = load_model(args.ckpt)
     cfg = model.cfg
@@ -137,7 +137,7 @@ def memory_one(args) -> dict:
     from compressor.engine.distributed import Dist
     from compressor.engine.loop import train_step
     from compressor.engine.loss import build_criterion
-    from compressor.models import load_model
+    from compressor import load_model
     from compressor.recipes import load_recipe, with_overrides
 
     torch.set_num_threads(1)
@@ -148,7 +148,7 @@ def memory_one(args) -> dict:
     rt = recipe.retrain
     student = make_student(teacher, recipe)
     teacher = prepare_teacher(teacher, device)
-    mem = probe_step_memory(student, teacher.cfg.img_size, teacher.cfg.in_chans, device, amp_settings(rt.amp, device)[0])
+    mem = probe_step_memory(student, student.layout.input_shape, device, amp_settings(rt.amp, device)[0])
     mixup = build_mixup(rt, teacher.cfg.num_classes)
     opt = build_optimizer(student, rt.lr, rt.weight_decay)
     state = TrainState(model=student, student=student, teacher=teacher, criterion=build_criterion(rt, mixup is not None, True),

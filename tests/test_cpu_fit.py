@@ -69,9 +69,9 @@ def test_available_bytes_reads_meminfo():
 def test_probe_counts_what_autograd_keeps_and_leaves_the_rng_alone():
     torch.manual_seed(0)
     student = make_student(create_model("vim_test"), load_recipe("smoke"))
-    cfg = student.cfg
+    shape = student.layout.input_shape
     state = torch.get_rng_state()
-    mem = probe_step_memory(student, cfg.img_size, cfg.in_chans, torch.device("cpu"))
+    mem = probe_step_memory(student, shape, torch.device("cpu"))
     assert torch.equal(torch.get_rng_state(), state)  # a run stays reproducible
     assert student.training
     # what autograd keeps for 2 images, counted independently, scaled to one
@@ -84,10 +84,10 @@ def test_probe_counts_what_autograd_keeps_and_leaves_the_rng_alone():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        student(torch.randn(2, cfg.in_chans, cfg.img_size, cfg.img_size))
+        student(torch.randn(2, *shape))
     kept = sum(seen.values()) / 2
     assert kept > 0
-    assert kept < mem.per_image < 3 * kept + 4 * cfg.in_chans * cfg.img_size**2 * 4
+    assert kept < mem.per_image < 3 * kept + 4 * 4 * torch.Size(shape).numel()
     n_params = sum(p.numel() for p in student.parameters())
     assert mem.fixed == pytest.approx(3 * 4 * n_params)
 
@@ -97,7 +97,7 @@ def test_fit_lowers_the_recipes_batch_when_memory_is_short(tmp_path, monkeypatch
     torch.manual_seed(0)
     teacher = create_model("vim_test")
     recipe = load_recipe("smoke")  # batch 16
-    mem = probe_step_memory(make_student(teacher, recipe), 32, 3, torch.device("cpu"))
+    mem = probe_step_memory(make_student(teacher, recipe), (3, 32, 32), torch.device("cpu"))
     available = (mem.at(8) + 0.5 * mem.per_image) / SHARE["cpu"]  # room for 8 images, not 16
     monkeypatch.setattr(setup, "available_bytes", lambda device: int(available))
     out = tmp_path / "out"
