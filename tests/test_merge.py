@@ -19,6 +19,7 @@ from compressor.merge import (
     merge_schedule,
     merge_source,
     merge_wavg,
+    slot_map,
 )
 
 
@@ -119,6 +120,19 @@ def test_size_weighted_mean_is_exact_over_two_merges():
     assert size2.flatten().tolist() == [4, 1, 1, 1, 1]
     assert x2[0, 0, 0].item() == (3 * 3.0 + 1 * 10.0) / 4 == (0 + 3 + 6 + 10) / 4
     assert x2.flatten()[1:].tolist() == [20.0, 30.0, 40.0, 50.0]
+
+
+def test_scores_stay_fp32_under_autocast():
+    """Training runs under bf16 autocast, which would round the cosine matmul to 8 bits and turn
+    near-equal candidates into ties: the scores stay fp32, so the assignment under autocast is the
+    one without it (and the Triton kernels', which never autocast)."""
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(1, 4, 32, generator=g)
+    metric = base.repeat(2, 50, 1)[:, :197] + 0.01 * torch.randn(2, 197, 32, generator=g)  # cosines ~0.9999
+    want = slot_map(metric, 30, 98, 83)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (metric[:, 0::2] @ metric[:, 1::2].transpose(1, 2)).dtype == torch.bfloat16  # autocast is on
+        assert torch.equal(slot_map(metric, 30, 98, 83), want)
 
 
 def test_token_merge_weights_residual_by_the_same_sizes():

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from compressor import convert, create_model, optimize_for_inference, set_merge_impl
+from compressor.errors import BackendUnavailable
 from compressor.inference import GraphedModel
-from compressor.merge import TokenMerge, fast
+from compressor.merge import TokenMerge, fast, merge_ref, resolve_merge_impl, slot_map
 from compressor.merge.schedule import MergeConfig, MergeStep
 
 pytestmark = [
@@ -24,11 +25,8 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def reference(hidden, residual, size, r, cls_in, cls_out, prune=False):
-    """TokenMerge's reference path (impl "torch") for one merge of ``r`` tokens."""
-    step = MergeStep(layer=0, tokens_in=hidden.shape[1], r=r, cls_in=cls_in, cls_out=cls_out)
-    merge = TokenMerge(step, MergeConfig(mode="prune" if prune else "merge", num_prune=r))
-    merge.impl = "torch"
-    return merge(hidden, residual, size)
+    """The reference merge (what TokenMerge runs with impl "torch") for one merge of ``r`` tokens."""
+    return merge_ref(hidden, residual, size, r, cls_in, cls_out, prune=prune)
 
 
 CASES = [  # b, L, d, r, cls_in, cls_out, prune, with sizes
@@ -91,16 +89,117 @@ def test_known_answer_with_class_token():
     torch.testing.assert_close(hid[0, 3], h[0, 4])  # the class token, untouched
 
 
-def test_ties_break_to_the_lower_index():
-    """Identical tokens give equal scores: the earlier source goes first, deterministically."""
-    h = torch.randn(1, 1, 8).expand(1, 12, 8).contiguous().to(DEV)  # every score is 1
+def tied_tokens(b: int = 2, L: int = 197, d: int = 16, seed: int = 0) -> torch.Tensor:
+    """Integer-valued tokens (dot products exact in fp32 in any order, so both paths compute the
+    very same scores) with two constant regions and several duplicated tokens: many exact ties,
+    among sources' best scores and among destinations of one source."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randint(-3, 4, (b, L, d), generator=g).float()
+    h[:, 10:41] = h[:, 10:11].clone()  # a flat background region
+    h[:, 120:151] = h[:, 150:151].clone()  # another one, past the class token
+    for a, c in [(50, 77), (51, 181), (60, 61), (90, 100), (3, 196), (97, 99)]:
+        h[:, c] = h[:, a]
+    h[:, 160:166] = 0.0  # zero tokens: cosine 0 with everything, never 0/0
+    return h
+
+
+@pytest.mark.parametrize("r,prune,sized,dtype", [
+    (11, False, False, torch.float32),  # Vim r031's first merge
+    (98, False, True, torch.float32),  # every source goes
+    (40, True, True, torch.float32),  # prune
+    (60, False, True, torch.float16),
+])
+def test_ties_give_the_same_assignment_in_both_paths(r, prune, sized, dtype):
+    """Exact parity on tied inputs: the slot maps, token sizes and merged values are equal to the
+    last bit (lower source index first among equal best scores, lower destination among equal
+    candidates, in the reference's stable sort as in the kernel's rank)."""
+    L, cls_in = 197, 98
+    cls_out = (cls_in * (L - r)) // L
+    h = tied_tokens().to(DEV, dtype)
+    res = tied_tokens(seed=1).to(DEV)
+    size = torch.randint(1, 5, (2, L, 1), generator=torch.Generator().manual_seed(2)).float().to(DEV) if sized else None
+    *got, got_slot = fast._launch(h, res, size, r, cls_in, cls_out, prune)  # what fast_merge returns, and its map
+    assert torch.equal(got_slot.long(), slot_map(h, r, cls_in, cls_out, prune=prune))
+    want = reference(h, res, size, r, cls_in, cls_out, prune)
+    for a, e in zip(got, want):
+        assert a.dtype == e.dtype and torch.equal(a, e)
+    sizes = got[2].flatten(1)
+    assert sizes.max() > 2 or prune  # ties really decided several merges into one destination
+
+
+def test_ties_follow_the_index_order_of_the_spec():
+    """Every token equal: every score ties. The first ``r`` sources (patches 0, 2, ...) go, all into
+    the first destination (patch 1), identically in both paths."""
+    h = torch.randn(1, 1, 8).expand(1, 12, 8).contiguous().to(DEV)
     res = torch.arange(12.0).reshape(1, 12, 1).expand(1, 12, 8).contiguous().to(DEV)
-    _, resid, size = fast.fast_merge(h, res, None, 2, None, None)
-    # sources 0 and 1 (patches 0 and 2) go to destination 0 (patch 1, first of the equal scores)
-    assert size.flatten().tolist() == [3.0] + [1.0] * 9
-    assert resid[0, 0, 0].item() == pytest.approx((0 + 1 + 2) / 3)
-    again = fast.fast_merge(h, res, None, 2, None, None)
-    assert torch.equal(again[1], resid)
+    for hid, resid, size in (fast.fast_merge(h, res, None, 2, None, None), reference(h, res, None, 2, None, None)):
+        assert size.flatten().tolist() == [3.0] + [1.0] * 9
+        assert resid[0, 0, 0].item() == pytest.approx((0 + 1 + 2) / 3)
+
+
+def test_zero_and_nan_tokens_behave_the_same_in_both_paths():
+    """A zero token scores 0 (norm clamped, no 0/0 NaN); a NaN score counts as -inf, so a NaN
+    source ranks last and a NaN destination is never anyone's best match. Both paths agree."""
+    g = torch.Generator().manual_seed(5)
+    L, d = 33, 16
+    h = torch.randn(2, L, d, generator=g)
+    h[0, 4] = 0.0  # a zero source (patch 4, a source)
+    h[0, 5] = 0.0  # a zero destination
+    h[1, 6] = float("nan")  # a NaN source
+    h[1, 7] = float("nan")  # a NaN destination
+    h[1, 9, 3] = float("nan")  # one NaN channel is enough to make every score of a token NaN
+    h, res = h.to(DEV), torch.randn(2, L, d, generator=g).to(DEV)
+    for r in (5, 16):
+        want_slot = slot_map(h, r)
+        *got, got_slot = fast._launch(h, res, None, r, None, None, False)
+        assert torch.equal(got_slot.long(), want_slot)
+        want = reference(h, res, None, r, None, None)
+        for a, e in zip(got, want):
+            torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6, equal_nan=True)
+        assert torch.isfinite(got[0][0]).all()  # the zero tokens made no NaN
+        nan_src = want_slot[1, 6].item()
+        assert (want_slot[1] == nan_src).sum() == 1 or r == 16  # kept alone unless every source goes
+        assert (want_slot[1] == want_slot[1, 7]).sum() == 1 and (want_slot[1] == want_slot[1, 9]).sum() == 1
+
+
+@pytest.mark.parametrize("prune,sized", [(False, True), (True, False)])
+def test_gradients_equal_the_reference(prune, sized):
+    """The kernel path with inputs that need gradients: same outputs, same gradients (hidden,
+    residual and sizes) as autograd through the reference."""
+    g = torch.Generator().manual_seed(9)
+    b, L, d, r = 2, 33, 16, 7
+    leaves = [torch.randn(b, L, d, generator=g), torch.randn(b, L, d, generator=g)]
+    if sized:
+        leaves.append(torch.rand(b, L, 1, generator=g) * 2 + 0.5)
+    weights = [torch.randn(b, L - r, k, generator=g).to(DEV) for k in (d, d, 1)]
+
+    def run(fn):
+        ins = [t.to(DEV).requires_grad_() for t in leaves]
+        outs = fn(ins[0], ins[1], ins[2] if sized else None, r, 16, 12, prune=prune)
+        loss = sum((o * w).sum() for o, w in zip(outs, weights) if o.requires_grad)
+        loss.backward()
+        return outs, [t.grad for t in ins]
+
+    (got, got_grads), (want, want_grads) = run(fast.fast_merge), run(merge_ref)
+    assert all(o.requires_grad for o in got[:2])
+    for a, e in zip(got + tuple(got_grads), want + tuple(want_grads)):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+def test_unsupported_dtypes_and_sizes_are_refused():
+    assert fast.supports(ordered=True, distance="cosine", tokens=197, width=384, dtype=torch.bfloat16,
+                         residual_dtype=torch.float32)
+    assert not fast.supports(ordered=True, distance="cosine", tokens=197, width=384, dtype=torch.float64)
+    assert not fast.supports(ordered=True, distance="cosine", tokens=197, width=384, dtype=torch.float16,
+                             residual_dtype=torch.float64)
+    assert not fast.supports(ordered=True, distance="cosine", tokens=fast.MAX_TOKENS + 1, width=8, dtype=torch.float32)
+    assert not fast.supports(ordered=True, distance="cosine", tokens=9, width=fast.MAX_WIDTH + 1, dtype=torch.float32)
+    h = torch.randn(1, 9, 16, dtype=torch.float64, device=DEV)
+    with pytest.raises(ValueError, match="float64"):
+        fast.fast_merge(h, h, None, 2, 4, 3)
+    with pytest.raises(BackendUnavailable, match="float64.*impl 'torch'"):
+        resolve_merge_impl("triton", h, h)
+    assert resolve_merge_impl("auto", h, h) == "torch"
 
 
 def test_out_of_range_r_is_refused():
@@ -133,15 +232,18 @@ def test_auto_picks_triton_only_where_it_applies(converted):
     m = next(mod for mod in gm.modules() if isinstance(mod, TokenMerge))
     h = torch.randn(1, m.tokens_in, 32, device=DEV)
     assert m.impl == "auto"
-    assert m._use_fast(h, h) == (DEV == "cuda")  # CPU: the reference, never the interpreter
+    assert resolve_merge_impl(m.impl, h, h) == ("triton" if DEV == "cuda" else "torch")  # CPU: never the interpreter
     hg = h.clone().requires_grad_()
-    assert not m._use_fast(hg, h)  # training needs autograd: the reference
+    assert resolve_merge_impl(m.impl, hg, h) == "torch"  # training stays on the reference
+    assert resolve_merge_impl("triton", hg, h) == "triton"  # asked for: it has a backward
     with pytest.raises(ValueError, match="choose from"):
         set_merge_impl(gm, "fastest")
+    with pytest.raises(BackendUnavailable, match="choose one of"):
+        resolve_merge_impl("fastest", h, h)
     step = MergeStep(layer=2, r=2, tokens_in=17, cls_in=8, cls_out=7)
     unordered = TokenMerge(step, MergeConfig(num_prune=2, ordered=False))
     unordered.impl = "triton"
-    with pytest.raises(ValueError, match="does not support"):
+    with pytest.raises(BackendUnavailable, match="ordered cosine"):
         unordered(torch.randn(1, 17, 8, device=DEV), torch.randn(1, 17, 8, device=DEV))
 
 

@@ -11,10 +11,14 @@ import triton.language as tl
 
 def score_kernel(metric_ptr, best_ptr, best_idx_ptr, stride_b, stride_l, n_src, n_dst, cls_in, D,
                  HAS_CLS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
-                 BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                 BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, EPS: tl.constexpr):
     """One (source tile, destination tile) block of the cosine scores, reduced over its
     destinations: best[b, t, i] and best_idx[b, t, i] for destination tile t = program_id(2).
-    Splitting the destinations over programs keeps batch-1 latency low (more programs, one pass)."""
+    Splitting the destinations over programs keeps batch-1 latency low (more programs, one pass).
+
+    The score is ``dot / (max(|a|, EPS) * max(|b|, EPS))`` in fp32 with IEEE square root and
+    division, NaN counted as -inf: the same operations, in the same order, as the reference
+    (``bipartite._cosine``), so that equal inputs give equal scores in both paths."""
     pid_b = tl.program_id(0)
     tile_j = tl.program_id(2)
     i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
@@ -44,10 +48,12 @@ def score_kernel(metric_ptr, best_ptr, best_idx_ptr, stride_b, stride_l, n_src, 
             bt = bf
         dot = tl.dot(a, tl.trans(bt), dot, input_precision=PRECISION)  # fp16/bf16 products are exact in fp32
     ok = i_ok[:, None] & j_ok[None, :]
-    score = dot / tl.where(ok, tl.sqrt(sq_a)[:, None] * tl.sqrt(sq_b)[None, :], 1.0)
-    score = tl.where(ok, score, float("-inf"))  # padding never wins
+    na = tl.maximum(tl.sqrt_rn(sq_a), EPS)  # a zero token scores 0, not 0/0
+    nb = tl.maximum(tl.sqrt_rn(sq_b), EPS)
+    score = tl.div_rn(dot, tl.where(ok, na[:, None] * nb[None, :], 1.0))
+    score = tl.where(ok & (score == score), score, float("-inf"))  # padding and NaN never win
     best = tl.max(score, axis=1)
-    best_idx = tl.argmax(score, axis=1).to(tl.int32) + tile_j * BLOCK_J  # ties: the lower destination
+    best_idx = tl.argmax(score, axis=1, tie_break_left=True).to(tl.int32) + tile_j * BLOCK_J  # ties: lower destination
     out = (pid_b.to(tl.int64) * tl.num_programs(2) + tile_j) * n_src + i
     tl.store(best_ptr + out, best, mask=i_ok)
     tl.store(best_idx_ptr + out, best_idx, mask=i_ok)

@@ -6,14 +6,11 @@ import torch
 import torch.nn as nn
 
 from ..errors import ShapeError
-from . import fast
 from .bipartite import match
+from .dispatch import MERGE_IMPLS, inference_merge_impl, merge_tokens
 from .schedule import MergeConfig, MergeStep
 
-#: How a merge runs: ``torch`` (the reference: pure PyTorch, autograd, any device, exportable),
-#: ``triton`` (:mod:`compressor.merge.fast`: three kernels, inference only), ``auto`` (triton
-#: on CUDA when it applies: no gradient needed, not inside torch.compile or export; else torch).
-MERGE_IMPLS = ("auto", "torch", "triton")
+__all__ = ["MERGE_IMPLS", "TokenMerge", "inference_merge_impl", "set_merge_impl"]
 
 
 class TokenMerge(nn.Module):
@@ -48,54 +45,21 @@ class TokenMerge(nn.Module):
             )
 
     def match(self, hidden: torch.Tensor):
+        """The assignment as a closure ``merge(x)`` that sums tokens into slots (for source maps)."""
         self._check(hidden)
-        return self._plan(hidden)
-
-    def _plan(self, hidden: torch.Tensor):
-        return match(hidden, self.r, self.cls_in, self.cls_out, ordered=self.ordered, prune=self.prune, distance=self.distance)
-
-    def _use_fast(self, hidden: torch.Tensor, residual: torch.Tensor) -> bool:
-        if self.impl == "torch":
-            return False
-        ok = fast.available() and fast.supports(ordered=self.ordered, distance=self.distance, tokens=hidden.shape[1],
-                                                width=hidden.shape[-1])
-        if self.impl == "triton":
-            if not ok:
-                raise ValueError(f"the triton merge does not support this merge ({self.extra_repr()}, width "
-                                 f"{hidden.shape[-1]}): use impl 'torch' or 'auto'")
-            return True
-        needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or residual.requires_grad)
-        return (ok and inference_merge_impl("auto", hidden.device.type) == "triton" and not needs_grad
-                and not torch.compiler.is_compiling())
+        return match(hidden, self.r, self.cls_in, self.cls_out, ordered=self.ordered, prune=self.prune,
+                     distance=self.distance)
 
     def forward(self, hidden, residual=None, size=None):
-        """``residual`` None: blocks that keep the residual inside (``block(hidden) -> hidden``);
+        """``impl`` (see :mod:`compressor.merge.dispatch`) picks the reference or the kernels.
+        ``residual`` None: blocks that keep the residual inside (``block(hidden) -> hidden``);
         it comes back None. The merge is computed as if the hidden states were the residual too."""
         if residual is None:
             hidden, _, size = self.forward(hidden, hidden, size)
             return hidden, None, size
         self._check(hidden)
-        if self._use_fast(hidden, residual):
-            return fast.fast_merge(hidden, residual, size, self.r, self.cls_in, self.cls_out, prune=self.prune)
-        merge = self._plan(hidden)
-        if size is None:
-            size = hidden.new_ones(hidden.shape[0], hidden.shape[1], 1, dtype=torch.float32)
-        # one scatter moves hidden states, residual and sizes together (fp32 sums)
-        d = hidden.shape[-1]
-        packed = torch.cat([hidden.float() * size, residual.float() * size, size], dim=-1)
-        merged = merge(packed)
-        new_size = merged[..., 2 * d :]
-        hidden_new = (merged[..., :d] / new_size).to(hidden.dtype)
-        residual_new = (merged[..., d : 2 * d] / new_size).to(residual.dtype)
-        return hidden_new, residual_new, new_size
-
-
-def inference_merge_impl(impl: str, device_type: str) -> str:
-    """The merge that runs for inference (no gradients) on ``device_type`` under ``impl``:
-    ``auto`` is ``triton`` on CUDA when Triton is installed, else ``torch``."""
-    if impl != "auto":
-        return impl
-    return "triton" if device_type == "cuda" and fast.available() else "torch"
+        return merge_tokens(hidden, residual, size, self.r, self.cls_in, self.cls_out, prune=self.prune,
+                            ordered=self.ordered, distance=self.distance, impl=self.impl)
 
 
 def set_merge_impl(model: nn.Module, impl: str) -> int:
