@@ -5,7 +5,7 @@ exporter (``dynamo=False``) was tried first and rejected: on the chunked scan it
 whose shapes ONNX Runtime refuses to load ("Mul: Incompatible dimensions"), and on a converted
 model it stops at an internal assert on ``scatter_``. The torch.export path exports both as they
 are, into standard ``ai.onnx`` ops only (``scatter_add`` → ``ScatterElements(reduction='add')``,
-``argsort`` → ``TopK``), with a graph half the size; it costs a slower export (seconds for the
+the merge's stable ranking → comparisons and a ``ReduceSum``), with a graph half the size; it costs a slower export (seconds for the
 test models, a minute or so for a depth-24 model on a small CPU).
 
 The scan is always exported with the pure-PyTorch ``chunked`` backend (about ``2√L`` unrolled
