@@ -20,10 +20,14 @@ Two parts, one run:
    transfer limit beside the kernels) and evaluated on the 2000 held-out ones: top-1 agreement
    of every (backend, merge, precision) with the fp32 reference, plain and with merge/prune r8.
 
-    python benchmarks/fp16_decisions_gpu.py --out runs/fp16 [--cifar test.tar.xz] [--budget-s 200]
+    . benchmarks/gpu_env.sh   # the CUDA kernels
+    python3 benchmarks/fp16_decisions_gpu.py --out runs/fp16 [--cifar test.tar.xz] [--parts conformance,cifar]
+    python benchmarks/fp16_decisions_gpu.py --table runs/fp16/fp16_decisions.json   # docs/benchmarks.md's table
 
-Prints tables and writes ``fp16_decisions.json`` under ``--out``. ``--device cpu --quick`` runs a
-tiny version of part 1 on the CPU (ref/chunked backends, the torch merge) to check the script.
+Prints tables and writes ``fp16_decisions.json`` under ``--out`` after each part. Part 2 is
+skipped when less than ``--train-s`` + 40 s of ``--budget-s`` is left (about 130 s for part 1 on
+an H200, 2 minutes for part 2). ``--device cpu --quick`` runs a tiny version on the CPU
+(ref/chunked backends, the torch merge) to check the script.
 """
 
 from __future__ import annotations
@@ -229,6 +233,43 @@ def print_conformance(res: dict) -> None:
                   f"{r['merges_equal']:>7} {pin:>10} {hid:>11} {res:>11}")
 
 
+def _same(a: dict, b: dict) -> bool:
+    """Two merge implementations that took the same decisions and top-1 (one table row)."""
+    return a["eq"] == b["eq"] and a["top1"] == b["top1"]
+
+
+def markdown(res: dict) -> str:
+    """docs/benchmarks.md's summary of part 1: per (backend, merge, mode), over the five recipes."""
+    cases = res["cases"]
+    lines = ["| recipe | top-r cut margin, min (median) | best vs 2nd destination, min |", "| --- | --- | --- |"]
+    lines += [f"| {n} | {c['margin_cut_min']:.1e} ({c['margin_cut_median']:.1e}) | {c['margin_dst_min']:.1e} |"
+              for n, c in cases.items()]
+    agg: dict = {}
+    for c in cases.values():
+        for r in c["runs"]:
+            a = agg.setdefault((r["backend"], r["impl"], r["mode"]), {"eq": 0, "n": 0, "top1": [], "err": 0.0, "pin": 0.0, "hid": 0.0})
+            eq, n = map(int, r["merges_equal"].split("/"))
+            a["eq"] += eq
+            a["n"] += n
+            a["top1"].append(r["top1_agree"])
+            a["err"] = max(a["err"], r["rel_err"])
+            a["pin"] = max(a["pin"], r["pinned_rel_err"] or 0.0)
+            a["hid"] = max(a["hid"], r.get("hidden_err_first_merge", 0.0))
+    lines += ["", "| backend | merge | precision | merges decided as in fp32 | top-1 agreement | logits rel. err (max) "
+              "| same, fp32 decisions pinned | hidden err. at merge 1 |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (backend, impl, mode), a in agg.items():
+        twin = agg.get((backend, "triton", mode)) if impl == "torch" else None
+        if impl == "triton" and (backend, "torch", mode) in agg and _same(agg[(backend, "torch", mode)], a):
+            continue  # printed with its torch twin
+        if twin is not None and _same(a, twin):
+            impl, a = "torch, triton", {**a, "err": max(a["err"], twin["err"])}
+        pin = f"{a['pin']:.1e}" if a["pin"] else "-"
+        hid = f"{a['hid']:.1e}" if a["hid"] else "-"
+        lines.append(f"| {backend} | {impl} | {mode} | {a['eq']}/{a['n']} | {100 * sum(a['top1']) / len(a['top1']):.1f}% "
+                     f"| {a['err']:.1e} | {pin} | {hid} |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------- CIFAR-10
 
 
@@ -268,11 +309,12 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return torch.where(flip.view(b, 1, 1, 1).to(x.device), x.flip(-1), x)
 
 
-def train_cifar(x, y, device, seconds: float, batch=256, quick=False) -> tuple[VisionMamba, dict]:
+def train_cifar(x, y, device, seconds: float, width=192, depth=12, batch=256) -> tuple[VisionMamba, dict]:
+    """AdamW, cosine over the steps the time allows, bf16 autocast on the GPU (fp32 and the
+    ``chunked`` scan on the CPU, whose backward is the faster there)."""
     torch.manual_seed(0)
-    width, depth = (32, 4) if quick else (192, 12)
     cfg = VimConfig(embed_dim=width, depth=depth, img_size=32, patch_size=4, stride=4, num_classes=10, drop_path_rate=0.1)
-    model = set_backend(VisionMamba(cfg), "auto").to(device).train()
+    model = set_backend(VisionMamba(cfg), "auto" if device == "cuda" else "chunked").to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     g = torch.Generator().manual_seed(0)
     xn = _norm(x)
@@ -286,7 +328,7 @@ def train_cifar(x, y, device, seconds: float, batch=256, quick=False) -> tuple[V
                 lr = 1e-3 * 0.5 * (1 + math.cos(math.pi * min(steps / est_steps, 1.0)))
                 for grp in opt.param_groups:
                     grp["lr"] = lr
-            with torch.autocast(device, dtype=torch.bfloat16):
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
                 loss = torch.nn.functional.cross_entropy(model(_augment(xn[idx], g)), y[idx], label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -296,7 +338,9 @@ def train_cifar(x, y, device, seconds: float, batch=256, quick=False) -> tuple[V
         if epoch == 1:  # cosine schedule over the steps the time allows
             torch.cuda.synchronize() if device == "cuda" else None
             est_steps = int(steps * seconds / (time.perf_counter() - t0))
-    return model.eval(), {"steps": steps, "epochs": epoch, "train_s": time.perf_counter() - t0, "loss": loss.item()}
+    info = {"width": width, "depth": depth, "batch": batch, "steps": steps, "epochs": epoch,
+            "train_s": time.perf_counter() - t0, "loss": loss.item()}
+    return model.eval(), info
 
 
 def cifar_agreement(model, x, y, device, quick=False) -> dict:
@@ -333,11 +377,19 @@ def main(argv=None):
     p.add_argument("--out", default="runs/fp16_decisions")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--cifar", default=None, help="CIFAR-10 test.tar.xz (ImageFolder inside); part 2 is skipped without it")
-    p.add_argument("--train-s", type=float, default=70.0, help="wall-clock seconds of CIFAR training")
-    p.add_argument("--budget-s", type=float, default=220.0, help="skip part 2 if less than what it needs is left")
+    p.add_argument("--train-s", type=float, default=45.0, help="wall-clock seconds of CIFAR training")
+    p.add_argument("--cifar-width", type=int, default=192)
+    p.add_argument("--cifar-depth", type=int, default=12)
+    p.add_argument("--batch-size", type=int, default=256, help="CIFAR training batch")
+    p.add_argument("--budget-s", type=float, default=260.0, help="skip part 2 if less than what it needs is left")
+    p.add_argument("--parts", default="conformance,cifar", help="which parts to run (comma-separated)")
     p.add_argument("--images", type=int, default=8)
     p.add_argument("--quick", action="store_true", help="a tiny part 1 (CPU check of the script)")
+    p.add_argument("--table", default=None, help="print the Markdown summary of a result JSON and exit")
     a = p.parse_args(argv)
+    if a.table:
+        print(markdown(json.loads(Path(a.table).read_text())["conformance"]))
+        return
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -348,16 +400,21 @@ def main(argv=None):
     def save():
         (out_dir / "fp16_decisions.json").write_text(json.dumps(result, indent=1, default=str))
 
-    result["conformance"] = conformance(a.device, a.quick, a.images)
-    save()
-    print_conformance(result["conformance"])
-    if a.cifar and _elapsed() + a.train_s + 40 < a.budget_s:
+    parts = a.parts.split(",")
+    if "conformance" in parts:
+        result["conformance"] = conformance(a.device, a.quick, a.images)
+        save()
+        print_conformance(result["conformance"])
+    if "cifar" not in parts:
+        pass
+    elif a.cifar and _elapsed() + a.train_s + 40 < a.budget_s:
         x, y = load_cifar(a.cifar, a.device)
         if a.quick:
             x, y = x[::20], y[::20]
         held = torch.arange(len(x), device=a.device) % 5 == 0
         print(f"[{_elapsed():5.0f}s] cifar: {int((~held).sum())} training, {int(held.sum())} held-out images", flush=True)
-        model, info = train_cifar(x[~held], y[~held], a.device, a.train_s, quick=a.quick)
+        model, info = train_cifar(x[~held], y[~held], a.device, a.train_s, *((32, 4) if a.quick else (a.cifar_width, a.cifar_depth)),
+                                  batch=a.batch_size)
         print(f"[{_elapsed():5.0f}s] cifar: trained {info['epochs']} epochs ({info['steps']} steps)", flush=True)
         result["cifar"] = {"training": info, "held_out": int(held.sum()), "models": {}}
         result["cifar"]["models"] = cifar_agreement(model, x[held], y[held], a.device, a.quick)

@@ -146,6 +146,7 @@ def gather_kernel(hid_ptr, res_ptr, size_ptr, perm_ptr, offs_ptr, hid_out_ptr, r
         acc_h += tl.load(hid_ptr + pid_b * h_sb + pos * h_sl + dd, mask=d_ok, other=0.0).to(tl.float32) * w
         acc_r += tl.load(res_ptr + pid_b * r_sb + pos * r_sl + dd, mask=d_ok, other=0.0).to(tl.float32) * w
         acc_s += w
-    tl.store(hid_out_ptr + pid_b * ho_sb + o * ho_sl + dd, acc_h / acc_s, mask=d_ok)
-    tl.store(res_out_ptr + pid_b * ro_sb + o * ro_sl + dd, acc_r / acc_s, mask=d_ok)
+    # IEEE division, as the reference's (Triton's ``/`` is a 2-ulp approximation on the GPU)
+    tl.store(hid_out_ptr + pid_b * ho_sb + o * ho_sl + dd, tl.div_rn(acc_h, acc_s), mask=d_ok)
+    tl.store(res_out_ptr + pid_b * ro_sb + o * ro_sl + dd, tl.div_rn(acc_r, acc_s), mask=d_ok)
     tl.store(size_out_ptr + pid_b * out_len + o + tl.zeros([1], dtype=tl.int64), acc_s)
