@@ -1,5 +1,5 @@
 """The merge op on hand-made inputs with known answers, and against a naive float64 loop written
-from the spec (docs: rmeeto-spec.md), independently of the library."""
+from the official merge's semantics (docs/design.md), independently of the library."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The inference fast path on a GPU: Triton merges at Vim-S shapes and in whole models, and the
 whole forward captured in a CUDA graph (compressor.optimize_for_inference).
 
-Run on a GPU machine (kernels from shared/ on PYTHONPATH, see docs/gpu.md):
+Run on a GPU machine with the CUDA kernels on PYTHONPATH (``. benchmarks/gpu_env.sh``):
 ``python -m pytest -m gpu tests/test_merge_fast_gpu.py tests/test_merge_fast.py``.
 fp32: ≤1e-5 relative to the reference path. fp16: the relative budget of the reference,
 ``err(fast_fp16, ref_fp32) <= 2 * err(torch_fp16, ref_fp32) + eps``. Decisions in low precision:
