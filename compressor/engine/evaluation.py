@@ -33,12 +33,12 @@ def evaluate_checkpoint(path: str | os.PathLike, data_dir: str | os.PathLike, *,
     dev = resolve_device(device)
     model = load_converted(path, family=family, factory=factory, factory_kwargs=factory_kwargs)
     layout, steps = model.layout, model.steps
-    spec = check_eval_dir(data_dir, num_classes=layout.num_classes)
+    spec = check_eval_dir(data_dir, num_classes=layout.num_classes, clips=bool(layout.frames))
     recipe = model.recipe  # ``none`` for an official checkpoint: the default crop (0.875)
     if crop_pct is None:
         crop_pct = recipe.retrain.eval_crop_pct
     loader = build_eval_loader(spec, layout.img_size, crop_pct, batch_size=batch_size, num_workers=num_workers,
-                               pin_memory=dev.type == "cuda")
+                               pin_memory=dev.type == "cuda", frames=layout.frames)
     with cpu_threads(dev):
         metrics = evaluate(model.to(dev), loader, device=dev)
     return {

@@ -215,7 +215,7 @@ def _fit(student, teacher, recipe, data_dir, out_dir, d, reporter, stop, *, resu
          explicit_batch) -> FitResult:
     # every check first (data, output folder, resume, loaders), the output folder created after
     student = make_student(student if student is not None else teacher, recipe)
-    spec = check_data_dir(data_dir, num_classes=student.layout.num_classes)
+    spec = check_data_dir(data_dir, num_classes=student.layout.num_classes, clips=bool(student.layout.frames))
     out = check_out_dir(out_dir, resume)
     ckpt, changed = load_resume(out / CHECKPOINT, recipe, student.source(), d.world_size) if resume else (None, {})
     if ckpt is not None and not explicit_batch and "batch_size" in changed:
