@@ -144,7 +144,7 @@ def _rand_augment(spec: str):
     if not _RAND_RE.match(spec):
         raise RmeetoError(f"auto_augment {spec!r}: clips support RandAugment strings such as 'rand-m9-mstd0.5-inc1' "
                           "(or \"\" for none)")
-    parts = dict((p[:1], p[1:]) for p in spec.split("-")[1:] if p[:1] in "mn")
+    parts = dict(re.fullmatch(r"([a-z]+)([\d.]+)", p).groups() for p in spec.split("-")[1:])
     return v2.RandAugment(num_ops=int(parts.get("n", 2)), magnitude=int(float(parts.get("m", 9))), num_magnitude_bins=11)
 
 
