@@ -139,7 +139,7 @@ def test_compress_retrain_eval_info_visualize_profile_on_clips(clips, video_ckpt
     assert len(log) == 1 and np.isfinite(log[0]["train_loss"]) and log[0]["val_top1"] is not None
 
     r = runner.invoke(app, ["eval", str(out / "compressed.pt"), "--data", str(clips), "--workers", "0", "--device", "cpu"])
-    assert r.exit_code == 0 and "top-1" in r.output, r.output
+    assert r.exit_code == 0 and "top-1" in r.output and "6 (4 frames each)" in r.output, r.output
     r = runner.invoke(app, ["info", str(video_ckpt)])
     assert r.exit_code == 0 and "frames / tubelet" in r.output and "4 frames of 4x4" in r.output, r.output
     r = runner.invoke(app, ["info", str(out / "compressed.pt")])

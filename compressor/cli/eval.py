@@ -32,6 +32,7 @@ def eval_(
     m = evaluate_checkpoint(ckpt, data, batch_size=batch_size, device=device,
                             family=family.value if family else "vim", num_workers=workers,
                             crop_pct=crop_pct, factory=model_factory, factory_kwargs=model_kwargs)
+    unit = "clips" if m.get("frames") else "images"
     table = Table(title=f"{ckpt} on {m['data']}", show_header=False)
     table.add_column("metric", style="bold")
     table.add_column("value", justify="right")
@@ -39,8 +40,8 @@ def eval_(
         ("top-1 (%)", f"{m['top1']:.2f}"),
         ("top-5 (%)", f"{m['top5']:.2f}"),
         ("loss", f"{m['loss']:.4f}"),
-        ("images/s", f"{m['images_per_s']:.1f}"),
-        ("images", str(m["images"])),
+        (f"{unit}/s", f"{m['images_per_s']:.1f}"),
+        (unit, str(m["images"]) + (f" ({m['frames']} frames each)" if m.get("frames") else "")),
         ("recipe", m["recipe"] or "none (unmerged)"),
         ("tokens (first → last layer)", f"{m['tokens'][0]} → {m['tokens'][1]}"),
         ("device", m["device"]),

@@ -1,4 +1,5 @@
-"""``rmeeto eval``: accuracy and throughput of a checkpoint on an ImageFolder split."""
+"""``rmeeto eval``: accuracy and throughput of a checkpoint on an ImageFolder split (or on class
+folders of clips, for a video model)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ def evaluate_checkpoint(path: str | os.PathLike, data_dir: str | os.PathLike, *,
         "recipe": recipe.name if steps or recipe.name != "none" else None,
         "tokens": (layout.num_tokens, steps[-1].tokens_out if steps else layout.num_tokens),
         "img_size": layout.img_size,
+        "frames": layout.frames,  # clips of this many frames (video models); 0 for images
         "crop_pct": crop_pct,
         "device": str(dev),
     }
