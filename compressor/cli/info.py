@@ -65,7 +65,8 @@ def _rows(d: dict) -> list[tuple[str, str]]:
 
 def _official_rows(d: dict) -> list[tuple[str, str]]:
     cfg = d["config"]
-    source = {"args.model": " (from args.model)", "--family": ""}.get(d.get("family_source"), " (assumed)")
+    source = {"args.model": " (from args.model)", "--family": "", "keys": " (video: read off temporal_pos_embedding)"}.get(
+        d.get("family_source"), " (assumed)")
     family = cfg.family + source
     cls = "none (mean pooling)" if d["cls_index"] is None else f"{d['cls_index']} ({d['cls_position']})"
     patches = f"{cfg.grid}x{cfg.grid} patches" if not cfg.is_video else f"{cfg.token_frames} frames of {cfg.grid}x{cfg.grid} patches"
@@ -75,8 +76,7 @@ def _official_rows(d: dict) -> list[tuple[str, str]]:
         ("depth", str(cfg.depth)),
         ("d_state / expand / dt_rank", f"{cfg.d_state} / {cfg.expand} / {cfg.rank}"),
         ("image / patch / stride", f"{cfg.img_size} / {cfg.patch_size} / {cfg.stride}"),
-        *([("frames / tubelet", f"{cfg.num_frames} / {cfg.tubelet} (video; family read off temporal_pos_embedding)")]
-          if cfg.is_video else []),
+        *([("frames / tubelet", f"{cfg.num_frames} / {cfg.tubelet}")] if cfg.is_video else []),
         ("tokens", f"{d['tokens']} ({patches})"),
         ("class token", cls),
         ("classes", str(cfg.num_classes)),
