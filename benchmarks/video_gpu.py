@@ -221,7 +221,8 @@ def _rows(name: str, report: dict) -> list[dict]:
             out.append({
                 "model": name, "recipe": e["recipe"], "batch": r["batch_size"], "mode": r["backend"], "status": r["status"],
                 "clips_per_s": r["throughput"], "ms": r["latency_ms_median"], "peak_mb": r["peak_memory_mb"],
-                "speedup": r["speedup"], "merge_overhead": o.get("overhead_fraction"), "sliced_speedup": o.get("sliced_speedup"),
+                "speedup": r["speedup"], "speedup_within_noise": r.get("speedup_within_noise"),
+                "merge_overhead": o.get("overhead_fraction"), "sliced_speedup": o.get("sliced_speedup"),
                 "tokens_last": e["tokens_per_layer"][-1], "gflops": e["flops"]["gflops"],
             })
     return out
@@ -238,7 +239,8 @@ def _table(rows: list[dict], title: str) -> Table:
     for r in sorted((r for r in rows if r["clips_per_s"]), key=lambda r: (r["model"], r["batch"], r["mode"])):
         t.add_row(r["model"].removeprefix("videomamba_video_"), str(r["batch"]),
                   r["mode"] + ("" if r["status"] == "ok" else f" ({r['status']})"), r["recipe"], str(r["tokens_last"]),
-                  _fmt(r["clips_per_s"], ".1f"), _fmt(r["ms"], ".2f"), _fmt(r["speedup"], ".2f", "x"),
+                  _fmt(r["clips_per_s"], ".1f"), _fmt(r["ms"], ".2f"),
+                  _fmt(r["speedup"], ".2f", "~x" if r["speedup_within_noise"] else "x"),
                   _fmt(r["merge_overhead"] and 100 * r["merge_overhead"], ".1f") + ("%" if r["merge_overhead"] is not None else ""),
                   _fmt(r["sliced_speedup"], ".2f", "x"))
     return t
@@ -277,7 +279,8 @@ def main(argv=None) -> int:
     hw, st = result["hardware"], result["settings"]
     console.print(_table(result["rows"], f"{hw['device_name']} · {st['dtype']} · ops {st['op_backend']} · "
                                          f"merges {st['merge_impl_used']}"))
-    console.print("ms = median per batch; vs plain = clips/s over the plain model's (same mode and batch, this run); "
+    console.print("ms = median per batch; vs plain = clips/s over the plain model's (same mode and batch, this run; "
+                  "~ = within the timing spread); "
                   "merge = (t_merged - t_sliced) / t_merged; bound = speed-up with every merge replaced by zero-cost "
                   "slicing", highlight=False)
     bad = _failures(result)

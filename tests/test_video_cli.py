@@ -161,6 +161,15 @@ def test_compress_retrain_eval_info_visualize_profile_on_clips(clips, video_ckpt
     assert merged["accuracy"]["images"] == 6
 
 
+def test_clip_evaluation_reports_progress_per_batch(clips, video_ckpt):
+    from compressor.engine import evaluate_checkpoint
+
+    calls = []
+    m = evaluate_checkpoint(video_ckpt, clips, batch_size=4, num_workers=0, device="cpu",
+                            progress=lambda what, done, total: calls.append((what, done, total)))
+    assert calls == [("evaluating", 1, 2), ("evaluating", 2, 2)] and m["images"] == 6 and m["frames"] == 4
+
+
 def test_a_video_model_refuses_image_folders_in_one_line(video_ckpt, tmp_path):
     images = make_image_folder(tmp_path / "images", classes=CLASSES, train=1, val=1)
     r = CliRunner().invoke(app, ["eval", str(video_ckpt), "--data", str(images), "--workers", "0", "--device", "cpu"])

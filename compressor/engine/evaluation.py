@@ -18,13 +18,14 @@ EVAL_WORKERS = 4  # loader processes at most when none are asked for
 
 def evaluate_checkpoint(path: str | os.PathLike, data_dir: str | os.PathLike, *, batch_size: int = 128,
                         device: str | None = None, family: str = "vim", num_workers: int | None = None,
-                        crop_pct: float | None = None, factory=None, factory_kwargs=None) -> dict:
+                        crop_pct: float | None = None, factory=None, factory_kwargs=None, progress=None) -> dict:
     """Top-1/top-5 (%), mean cross-entropy and images/s of the model in ``path`` (an official
     checkpoint or an rmeeto compressed one) on ``data_dir/val`` (or ``test/``, or the class
     folders of ``data_dir`` itself). fp32; the crop follows the checkpoint's recipe
     (``eval_crop_pct``) unless ``crop_pct`` is given, 0.875 by default. ``factory``: the model
     class of a foreign model (see :func:`compressor.loading.load_model`). ``num_workers``: loader
-    processes (default: one per core but one, at most :data:`EVAL_WORKERS`)."""
+    processes (default: one per core but one, at most :data:`EVAL_WORKERS`). ``progress(description,
+    done, total)``: called after every batch (decoding clips makes evaluation slow)."""
     from ..loading import load_converted
 
     if num_workers is None:
@@ -41,7 +42,7 @@ def evaluate_checkpoint(path: str | os.PathLike, data_dir: str | os.PathLike, *,
     loader = build_eval_loader(spec, layout.img_size, crop_pct, batch_size=batch_size, num_workers=num_workers,
                                pin_memory=dev.type == "cuda", frames=layout.frames)
     with cpu_threads(dev):
-        metrics = evaluate(model.to(dev), loader, device=dev)
+        metrics = evaluate(model.to(dev), loader, device=dev, progress=progress)
     return {
         **metrics,
         "checkpoint": str(path),
