@@ -249,7 +249,7 @@ def _table(rows: list[dict], title: str) -> Table:
 def main(argv=None) -> int:
     a = _args(argv)
     cuda = a.device == "cuda"
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 140)  # logs (| tee) get the whole table
     base = ProfileSettings(device=a.device, dtype=a.dtype, ops=a.ops, overhead=("sliced",),
                            merge_impl=a.merge_impl or ("triton" if cuda else "torch"),
                            warmup=5 if cuda else 1, repeats=a.repeats or (30 if cuda else 3)).resolved()
