@@ -18,7 +18,7 @@ Prints a table and writes every number to ``benchmarks/results/video_gpu_<card>.
 
 GPU (fp16, mamba-ssm / causal-conv1d kernels on PYTHONPATH, see benchmarks/video_gpu.sh)::
 
-    python benchmarks/video_gpu.py
+    python benchmarks/video_gpu.py                 # --ops triton: the project's own mixer kernels instead
 
 CPU smoke run (tiny model, the reference merge)::
 
@@ -59,7 +59,8 @@ def _args(argv=None):
     p.add_argument("--recipes", default="video-r031,paper-videomamba-video-ti",
                    help="merged variants (video-r031 = merge 88 = the paper's VideoMamba-S/M preset)")
     p.add_argument("--dtype", default=None, help="fp16 on cuda, fp32 on cpu by default")
-    p.add_argument("--ops", default="auto", help="op backend: auto = mamba-ssm/causal-conv1d kernels when present")
+    p.add_argument("--ops", default=None, help="op backend: cuda (mamba-ssm / causal-conv1d kernels) on cuda by default, "
+                   "auto on cpu; triton = the project's own mixer kernels")
     p.add_argument("--merge-impl", default=None, help="triton on cuda (the fast merge), torch on cpu by default")
     p.add_argument("--max-batch", type=int, default=256, help="stop the batch search here (time budget)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls: 30 at batch 1 on cuda (3 on cpu)")
@@ -250,7 +251,7 @@ def main(argv=None) -> int:
     a = _args(argv)
     cuda = a.device == "cuda"
     console = Console(width=None if sys.stdout.isatty() else 140)  # logs (| tee) get the whole table
-    base = ProfileSettings(device=a.device, dtype=a.dtype, ops=a.ops, overhead=("sliced",),
+    base = ProfileSettings(device=a.device, dtype=a.dtype, ops=a.ops or ("cuda" if cuda else "auto"), overhead=("sliced",),
                            merge_impl=a.merge_impl or ("triton" if cuda else "torch"),
                            warmup=5 if cuda else 1, repeats=a.repeats or (30 if cuda else 3)).resolved()
     models, recipes = a.models.split(","), [r for r in a.recipes.split(",") if r != "none"]
