@@ -31,7 +31,7 @@ from ._io import atomic_torch_save
 from .errors import CheckpointError, RecipeError, RmeetoError
 from .fx import (Hints, TokenLayout, find_block_calls, find_block_stack, find_readouts, foreign_functions, guard_input,
                  insert_merges, probe, rewrite_readouts, trace, zoo_readouts)
-from .fx.discover import containers_of
+from .fx.discover import containers_of, token_frames_of
 from .merge.schedule import MergeConfig, MergeStep, merge_schedule
 from .models.config import VimConfig
 from .models.vim import VisionMamba
@@ -201,7 +201,7 @@ def _convert_zoo(model: VisionMamba, recipe) -> ConvertedModel:
     cfg = model.cfg
     layout = TokenLayout(
         num_tokens=cfg.num_tokens, embed_dim=cfg.embed_dim, depth=cfg.depth, cls_index=cfg.cls_index,
-        input_shape=(cfg.in_chans, cfg.img_size, cfg.img_size), num_classes=cfg.num_classes,
+        input_shape=cfg.input_shape, num_classes=cfg.num_classes, token_frames=cfg.token_frames,
         readout="mean" if cfg.cls_index is None else "token", cls_param=None if cfg.cls_index is None else "cls_token",
     )
     gm = trace(copy.deepcopy(model))  # the result owns its weights: training or casting it leaves ``model`` alone
@@ -227,6 +227,7 @@ def _convert_foreign(model: nn.Module, recipe, example, hints: Hints, factory) -
         num_tokens=facts["num_tokens"], embed_dim=facts["embed_dim"], depth=len(blocks), cls_index=cls,
         input_shape=tuple(example.shape[1:]), num_classes=facts["num_classes"], blocks=container,
         block_call=calls.style, readout="token" if kinds == {"token"} else "mean", cls_param=facts["cls_param"],
+        token_frames=token_frames_of(tuple(example.shape[1:]), facts["num_tokens"], cls),
     )
     out = _finish(gm, calls, readouts, layout, recipe, factory=factory, hints=hints.to_dict(), training=was_training)
     _check_runs(out, example)
@@ -252,7 +253,8 @@ def _class_token(positions: list[int], readouts) -> int | None:
 
 def _example_input(model: nn.Module, example) -> torch.Tensor:
     """The probe input on the model's device and dtype (given, or built from ``img_size`` and
-    the first convolution's input channels)."""
+    the first convolution's input channels; a 3-d patch convolution takes clips, whose frames come
+    from :func:`_frames_of`)."""
     p = next(iter(model.parameters()), None)
     device, dtype = (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
     if example is not None:
@@ -261,12 +263,32 @@ def _example_input(model: nn.Module, example) -> torch.Tensor:
         return example.to(device=device, dtype=dtype if example.is_floating_point() else example.dtype)
     conv = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))), None)
     size = next((getattr(m, "img_size") for m in model.modules() if isinstance(getattr(m, "img_size", None), (int, tuple, list))), None)
-    if conv is None or size is None or isinstance(conv, nn.Conv3d):
-        raise RmeetoError(f"cannot tell the input size of {type(model).__name__} (no img_size attribute and 2-d patch "
-                          "convolution): pass example_input=torch.randn(1, 3, H, W) (CLI: --input-size)")
+    frames = _frames_of(model, conv) if isinstance(conv, nn.Conv3d) else ()
+    if conv is None or size is None or frames is None:
+        shape = "1, 3, T, H, W" if isinstance(conv, nn.Conv3d) else "1, 3, H, W"
+        what = "frames (no num_frames attribute or temporal embedding)" if size is not None else "size (no img_size attribute)"
+        raise RmeetoError(f"cannot tell the input {what} of {type(model).__name__}: pass example_input=torch.randn({shape})")
     h, w = (size, size) if isinstance(size, int) else tuple(size)[-2:]
     gen = torch.Generator().manual_seed(0)
-    return torch.randn(1, conv.in_channels, h, w, generator=gen).to(device=device, dtype=dtype)
+    return torch.randn(1, conv.in_channels, *frames, h, w, generator=gen).to(device=device, dtype=dtype)
+
+
+_FRAME_ATTRS = ("num_frames", "all_frames", "frames")
+
+
+def _frames_of(model: nn.Module, conv: nn.Conv3d) -> tuple[int] | None:
+    """``(T,)`` for a video model: an int ``num_frames``-like attribute, else a temporal position
+    embedding's rows (``(1, T / tubelet, d)``) times the patch kernel's depth (the tubelet), as
+    VideoMamba's video class holds it. None when neither is there."""
+    for m in model.modules():
+        for name in _FRAME_ATTRS:
+            value = getattr(m, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return (value,)
+    for name, p in model.named_parameters():
+        if "temporal" in name.rsplit(".", 1)[-1] and p.dim() == 3 and p.shape[0] == 1:
+            return (p.shape[1] * conv.kernel_size[0],)
+    return None
 
 
 def _finish(gm: fx.GraphModule, calls, readouts, layout: TokenLayout, recipe, *, cfg=None, factory=None, hints=None,

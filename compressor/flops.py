@@ -9,7 +9,8 @@ The paper's formula (as the R-MeeTo paper counts FLOPs, with the official reposi
     scan     9·N·E·S + 2·E·N                                    (per scan direction)
 
 plus per merge of ``T`` tokens (class token included) removing ``r``: ``6·T·C + 2C·(T/2)² + r·C``,
-plus the patch embedding ``num_tokens·C·(in_chans·patch²)`` (the paper writes ``197·C·768``) and
+plus the patch embedding ``num_tokens·C·(in_chans·patch²)`` (the paper writes ``197·C·768``; a video
+model's 3-d kernel is ``tubelet`` frames deep, so ``in_chans·tubelet·patch²``) and
 the head ``C·num_classes``. One multiply-add counts as one FLOP.
 
 Two conventions, both returned by :func:`count_flops`:
@@ -75,7 +76,7 @@ def _total(cfg: VimConfig, tokens: list[int], merges: list[tuple[int, int]], dir
     """FLOPs by part, in GFLOPs. ``merges``: (tokens_in, r) of each merge that is counted."""
     c = cfg.embed_dim
     parts = {
-        "patch_embed": cfg.num_tokens * c * cfg.in_chans * cfg.patch_size**2,
+        "patch_embed": cfg.num_tokens * c * cfg.in_chans * (cfg.tubelet if cfg.is_video else 1) * cfg.patch_size**2,
         "layers": sum(_layer_flops(cfg, n, directions) for n in tokens),
         "merge": sum(_merge_flops(cfg, t, r) for t, r in merges),
         "head": c * cfg.num_classes,

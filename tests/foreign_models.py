@@ -12,6 +12,9 @@ post-hoc conversion tests (``compressor.convert`` on foreign model objects).
   trunk called whole, and its own unidirectional Mamba mixer (not rmeeto's).
 - :class:`MeanPoolNested`: no class token, a mean-pooling readout, the block list inside an
   ``encoder`` submodule, blocks called with the residual as a keyword argument.
+- :class:`OfficialLikeVideo`: VideoMamba's video structure: a 3-d patch convolution, the class
+  token prepended on the (batch · frames) axis and sliced back, a temporal position table (its
+  rows tell the frame count: no ``num_frames`` attribute), reshapes on traced sizes.
 - :class:`TwoStacks` (interleaved stacks) for the error path.
 
 The factories at the bottom are what ``--model-factory foreign_models:<name>`` names in tests.
@@ -211,6 +214,34 @@ class MeanPoolNested(nn.Module):
         return self.head(self.encoder(x).mean(dim=1))
 
 
+class OfficialLikeVideo(nn.Module):
+    def __init__(self, depth=4, dim=32, img=32, patch=8, frames=4, tubelet=1, classes=5):
+        super().__init__()
+        self.stem = nn.Conv3d(3, dim, (tubelet, patch, patch), (tubelet, patch, patch))
+        self.img_size = img
+        n = (img // patch) ** 2
+        self.cls_tok = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.space_pos = nn.Parameter(torch.randn(1, n + 1, dim) * 0.02)
+        self.temporal_pos = nn.Parameter(torch.randn(1, frames // tubelet, dim) * 0.02)
+        self.stages = nn.ModuleList(MambaLayer(dim) for _ in range(depth))
+        self.final_norm_w = nn.Parameter(torch.ones(dim))
+        self.classifier = nn.Linear(dim, classes)
+
+    def forward(self, clip):
+        x = self.stem(clip)
+        B, C, T, H, W = x.shape
+        x = x.permute(0, 2, 3, 4, 1).reshape(B * T, H * W, C)
+        x = torch.cat((self.cls_tok.expand(x.shape[0], -1, -1), x), dim=1) + self.space_pos
+        cls = x[:B, :1, :]
+        x = x[:, 1:].reshape(B, T, H * W, C) + self.temporal_pos.unsqueeze(2)
+        x = torch.cat((cls, x.reshape(B, T * H * W, C)), dim=1)
+        hidden, residual = x, None
+        for layer in self.stages:
+            hidden, residual = layer(hidden, residual)
+        out = foreign_ops.fused_add_rms_norm(hidden, self.final_norm_w, residual, prenorm=False)
+        return self.classifier(out[:, 0, :])
+
+
 class TwoStacks(nn.Module):
     """Two block stacks called alternately: cannot be merged consistently."""
 
@@ -253,3 +284,7 @@ def tail_cls_sequential(seed=0, **kw):
 
 def mean_pool_nested(seed=0, **kw):
     return _seeded(MeanPoolNested, seed, **kw)
+
+
+def official_like_video(seed=0, **kw):
+    return _seeded(OfficialLikeVideo, seed, **kw)

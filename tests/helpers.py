@@ -69,3 +69,40 @@ def naive_merge(hidden, residual, size, r, cls, *, ordered=True, prune=False):
         out_r.insert(tp, list(residual[cls]))
         out_s.insert(tp, size[cls])
     return out_h, out_r, out_s
+
+
+def make_clip_folder(root: Path, classes: int = 3, train: int = 4, val: int = 2, frames: int = 12, size: int = 32,
+                     as_frames: tuple[str, ...] = ()) -> Path:
+    """Learnable tiny video data: class ``c`` is a bright square moving in its own direction over
+    a noisy background. Clips are MPEG-4 files written with PyAV, except for the splits named in
+    ``as_frames``, which get folders of PNG frames (``<split>/<class>/<clip>/000.png``)."""
+    import av
+
+    rng = np.random.default_rng(0)
+    directions = [(1, 0), (0, 1), (1, 1), (-1, 0), (0, -1), (-1, 1)]
+    for c in range(classes):
+        dy, dx = directions[c % len(directions)]
+        for split, n in (("train", train), ("val", val)):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                y0, x0 = rng.integers(8, size - 16, 2)
+                video = []
+                for t in range(frames):
+                    img = rng.integers(0, 60, (size, size, 3)).astype(np.uint8)
+                    y, x = (y0 + dy * t) % (size - 8), (x0 + dx * t) % (size - 8)
+                    img[y : y + 8, x : x + 8] = (255, 200 - 60 * c % 200, 40 * c % 255)
+                    video.append(img)
+                if split in as_frames:
+                    (d / f"clip{i}").mkdir(exist_ok=True)
+                    for t, img in enumerate(video):
+                        Image.fromarray(img).save(d / f"clip{i}" / f"{t:03d}.png")
+                    continue
+                with av.open(str(d / f"clip{i}.mp4"), "w") as out:
+                    stream = out.add_stream("mpeg4", rate=8)
+                    stream.width = stream.height = size
+                    stream.pix_fmt = "yuv420p"
+                    for img in video:
+                        out.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+                    out.mux(stream.encode())
+    return root

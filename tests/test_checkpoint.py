@@ -134,7 +134,7 @@ def _official_shapes(cfg: VimConfig) -> dict:
 def test_infer_config_recovers_every_registered_model(name):
     cfg = get_config(name)
     sd = _official_shapes(cfg)
-    assert len(sd) == 7 + 17 * cfg.depth  # 415 at depth 24, as the official files
+    assert len(sd) == 7 + 17 * cfg.depth + cfg.is_video  # 415 at depth 24 (+ temporal_pos_embedding for video)
     assert infer_config(sd, family=cfg.family) == cfg
 
 

@@ -33,6 +33,7 @@ from compressor.recipes import (
 BUILTINS = [
     "none", "r014", "r028", "r031", "r042", "r056", "prune-r031", "paper-vim-ti", "paper-vim-s",
     "paper-vim-b", "paper-videomamba-ti", "paper-videomamba-s", "paper-videomamba-b", "smoke",
+    "paper-videomamba-video-ti", "paper-videomamba-video-s", "paper-videomamba-video-m", "video-r031",
 ]
 
 
@@ -112,7 +113,8 @@ def test_every_builtin_loads():
 def test_builtin_values():
     expect = {"none": 0, "r014": 5, "r028": 10, "r031": 11, "r042": 15, "r056": 20, "prune-r031": 11,
               "paper-vim-ti": 5, "paper-vim-s": 11, "paper-vim-b": 11, "paper-videomamba-ti": 5,
-              "paper-videomamba-s": 11, "paper-videomamba-b": 11, "smoke": 2}
+              "paper-videomamba-s": 11, "paper-videomamba-b": 11, "smoke": 2, "paper-videomamba-video-ti": 40,
+              "paper-videomamba-video-s": 88, "paper-videomamba-video-m": 88, "video-r031": 88}
     for name, num_prune in expect.items():
         assert load_recipe(name).merge.num_prune == num_prune, name
     assert load_recipe("prune-r031").merge.mode == "prune"

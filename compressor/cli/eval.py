@@ -11,6 +11,7 @@ from rich.table import Table
 from ..engine.evaluation import evaluate_checkpoint
 from ._app import command, console
 from ._options import ModelFactory, ModelKwargs
+from ._progress import ProgressView
 from .info import Family
 
 
@@ -29,9 +30,11 @@ def eval_(
     crop_pct: Annotated[Optional[float], typer.Option(help="Center-crop fraction (default: the checkpoint's recipe, else 0.875).", min=0.1, max=1.0)] = None,
 ):
     """Evaluate a checkpoint on an ImageFolder split: top-1, top-5, loss, images/s (fp32)."""
-    m = evaluate_checkpoint(ckpt, data, batch_size=batch_size, device=device,
-                            family=family.value if family else "vim", num_workers=workers,
-                            crop_pct=crop_pct, factory=model_factory, factory_kwargs=model_kwargs)
+    with ProgressView(console) as view:
+        m = evaluate_checkpoint(ckpt, data, batch_size=batch_size, device=device,
+                                family=family.value if family else "vim", num_workers=workers,
+                                crop_pct=crop_pct, factory=model_factory, factory_kwargs=model_kwargs, progress=view.update)
+    unit = "clips" if m.get("frames") else "images"
     table = Table(title=f"{ckpt} on {m['data']}", show_header=False)
     table.add_column("metric", style="bold")
     table.add_column("value", justify="right")
@@ -39,8 +42,8 @@ def eval_(
         ("top-1 (%)", f"{m['top1']:.2f}"),
         ("top-5 (%)", f"{m['top5']:.2f}"),
         ("loss", f"{m['loss']:.4f}"),
-        ("images/s", f"{m['images_per_s']:.1f}"),
-        ("images", str(m["images"])),
+        (f"{unit}/s", f"{m['images_per_s']:.1f}"),
+        (unit, str(m["images"]) + (f" ({m['frames']} frames each)" if m.get("frames") else "")),
         ("recipe", m["recipe"] or "none (unmerged)"),
         ("tokens (first → last layer)", f"{m['tokens'][0]} → {m['tokens'][1]}"),
         ("device", m["device"]),

@@ -65,16 +65,19 @@ def _rows(d: dict) -> list[tuple[str, str]]:
 
 def _official_rows(d: dict) -> list[tuple[str, str]]:
     cfg = d["config"]
-    source = {"args.model": " (from args.model)", "--family": ""}.get(d.get("family_source"), " (assumed)")
+    source = {"args.model": " (from args.model)", "--family": "", "keys": " (video: read off temporal_pos_embedding)"}.get(
+        d.get("family_source"), " (assumed)")
     family = cfg.family + source
     cls = "none (mean pooling)" if d["cls_index"] is None else f"{d['cls_index']} ({d['cls_position']})"
+    patches = f"{cfg.grid}x{cfg.grid} patches" if not cfg.is_video else f"{cfg.token_frames} frames of {cfg.grid}x{cfg.grid} patches"
     rows = [
         ("family", family),
         ("embed dim", str(cfg.embed_dim)),
         ("depth", str(cfg.depth)),
         ("d_state / expand / dt_rank", f"{cfg.d_state} / {cfg.expand} / {cfg.rank}"),
         ("image / patch / stride", f"{cfg.img_size} / {cfg.patch_size} / {cfg.stride}"),
-        ("tokens", f"{d['tokens']} ({cfg.grid}x{cfg.grid} patches)"),
+        *([("frames / tubelet", f"{cfg.num_frames} / {cfg.tubelet}")] if cfg.is_video else []),
+        ("tokens", f"{d['tokens']} ({patches})"),
         ("class token", cls),
         ("classes", str(cfg.num_classes)),
         ("parameters", f"{d['parameters']:,}"),

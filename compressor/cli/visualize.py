@@ -16,7 +16,7 @@ from .info import Family
 @command()
 def visualize(
     ckpt: Annotated[Path, typer.Argument(help="Official Vim/VideoMamba checkpoint, or an rmeeto compressed one.", show_default=False)],
-    images: Annotated[list[Path], typer.Argument(help="Image files (PNG/JPEG); resized and centre-cropped to the model's size.", show_default=False)],
+    images: Annotated[list[Path], typer.Argument(help="Image files (PNG/JPEG); for a video model clips (video files or folders of frames). Resized and centre-cropped to the model's size.", show_default=False)],
     out: Annotated[Path, typer.Option("-o", "--out", help="PNG file to write.")] = Path("merges.png"),
     recipe: Annotated[
         Optional[str],
@@ -30,9 +30,11 @@ def visualize(
     model_factory: ModelFactory = None,
     model_kwargs: ModelKwargs = None,
 ):
-    """Draw each merged token's patches in one colour over the image, titled with its class folder (the paper's Figure 5)."""
+    """Draw each merged token's patches in one colour over the image, titled with its class folder (the paper's Figure 5).
+
+    For a video model: clips, drawn per frame (a token keeps its colour across frames)."""
     res = run_visualize(ckpt, images, out, recipe=recipe, family=family.value if family else "vim", ema=ema,
                         factory=model_factory, factory_kwargs=model_kwargs)
     for note in res.notes:
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
-    console.print(f"wrote {res.path}: {len(images)} image(s), {res.patches} patches -> {res.tokens} tokens", highlight=False)
+    console.print(f"wrote {res.path}: {len(images)} {res.kind}(s), {res.patches} patches -> {res.tokens} tokens", highlight=False)

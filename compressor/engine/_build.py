@@ -11,9 +11,9 @@ from ..errors import RmeetoError
 
 __all__ = ["make_student", "prepare_teacher", "amp_settings", "build_optimizer", "build_scheduler", "scaled_lr", "lr_warning"]
 
-# Vim's model.no_weight_decay(): the learned embeddings are not decayed (1-d params and biases
-# are excluded by timm anyway)
-NO_WEIGHT_DECAY = ("pos_embed", "cls_token")
+# Vim's / VideoMamba's model.no_weight_decay(): the learned embeddings are not decayed (1-d
+# params and biases are excluded by timm anyway)
+NO_WEIGHT_DECAY = ("pos_embed", "cls_token", "temporal_pos_embedding")
 
 
 def make_student(model: nn.Module, recipe) -> nn.Module:

@@ -88,13 +88,13 @@ def new_state(student, teacher, recipe, spec, d, stop, *, log_every: int, no_aug
     """Loaders first (their errors are cheap), then student, teacher, optimizer, schedule."""
     rt, layout = recipe.retrain, student.layout  # ``student``: from make_student
     pin = d.device.type == "cuda"
-    common = dict(num_workers=rt.num_workers, world_size=d.world_size, rank=d.rank, pin_memory=pin)
+    common = dict(num_workers=rt.num_workers, world_size=d.world_size, rank=d.rank, pin_memory=pin, frames=layout.frames)
     train_loader = build_train_loader(spec, layout.img_size, rt, batch_size=rt.batch_size, seed=rt.seed, no_aug=no_aug, **common)
     val_loader = build_eval_loader(spec, layout.img_size, rt.eval_crop_pct, batch_size=rt.batch_size, **common)
     student = student.to(d.device)
     teacher = prepare_teacher(teacher, d.device)
     amp_dtype, use_scaler, _ = amp_settings(rt.amp, d.device)
-    mixup = build_mixup(rt, layout.num_classes)
+    mixup = build_mixup(rt, layout.num_classes, clips=bool(layout.frames))
     scale = scaled_lr(1.0, rt.batch_size, d.world_size)  # global batch / 512
     optimizer = build_optimizer(student, rt.lr * scale, rt.weight_decay)
     state = TrainState(

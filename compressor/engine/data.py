@@ -5,6 +5,9 @@ Layout (ImageNet or CIFAR style)::
 
     DIR/train/<class>/*.jpg     DIR/val/<class>/*.jpg     (``test/`` is accepted for ``val/``)
 
+Video models (``frames > 0``) read class folders of clips instead (:mod:`.clips`): video files
+or folders of frames, ``DIR/train/<class>/<clip>.mp4``.
+
 Every problem with the layout is one :class:`~compressor.errors.RmeetoError` raised by
 :func:`check_data_dir` before any model or loader is built.
 """
@@ -20,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from ..errors import RmeetoError
+from .clips import VIDEO_EXTENSIONS, ClipFolder, ClipMixup, build_clip_eval_transform, build_clip_train_transform, is_clip
 
 __all__ = [
     "DataSpec",
@@ -50,8 +54,16 @@ class DataSpec:
     classes: tuple[str, ...]
 
 
-def _classes(split: Path) -> tuple[str, ...]:
-    """Class folders of ``split`` (sorted, as ImageFolder numbers them); each must hold an image."""
+def _holds(folder: Path, clips: bool | None) -> bool:
+    """Whether ``folder`` holds an image (``clips`` False), a clip (True), or either (None)."""
+    entries = list(os.scandir(folder))
+    images = clips is not True and any(f.name.lower().endswith(IMG_EXTENSIONS) for f in entries if f.is_file())
+    return images or (clips is not False and any(is_clip(f) for f in entries))
+
+
+def _classes(split: Path, clips: bool | None = False) -> tuple[str, ...]:
+    """Class folders of ``split`` (sorted, as ImageFolder numbers them); each must hold an image
+    (``clips`` False), a clip (True: a video file or a folder of frames) or either (None)."""
     try:
         names = sorted(e.name for e in os.scandir(split) if e.is_dir() and not e.name.startswith("."))
     except OSError as e:
@@ -59,11 +71,10 @@ def _classes(split: Path) -> tuple[str, ...]:
     if not names:
         raise RmeetoError(f"{split} has no class folders: expected {split}/<class>/<image> (ImageFolder layout)")
     for name in names:
-        if not any(f.name.lower().endswith(IMG_EXTENSIONS) for f in os.scandir(split / name) if f.is_file()):
-            raise RmeetoError(
-                f"{split / name} holds no images ({', '.join(IMG_EXTENSIONS[:3])}, ...): "
-                "remove the folder or add its images"
-            )
+        if not _holds(split / name, clips):
+            what = (f"clips ({', '.join(VIDEO_EXTENSIONS[:3])}, ... or folders of frames): the model takes video clips"
+                    if clips else f"images ({', '.join(IMG_EXTENSIONS[:3])}, ...)")
+            raise RmeetoError(f"{split / name} holds no {what}; remove the folder or add its {'clips' if clips else 'images'}")
     return tuple(names)
 
 
@@ -79,8 +90,9 @@ def _check_classes(where: str, classes: tuple[str, ...], num_classes: int | None
         )
 
 
-def check_data_dir(data_dir: str | os.PathLike, num_classes: int | None = None) -> DataSpec:
-    """Check a re-training data directory before any work starts (one-line errors)."""
+def check_data_dir(data_dir: str | os.PathLike, num_classes: int | None = None, clips: bool = False) -> DataSpec:
+    """Check a re-training data directory before any work starts (one-line errors); ``clips``:
+    class folders of clips (video models)."""
     root = Path(data_dir)
     if not root.is_dir():
         raise RmeetoError(f"data directory {root} does not exist: pass a folder holding train/ and val/")
@@ -88,7 +100,7 @@ def check_data_dir(data_dir: str | os.PathLike, num_classes: int | None = None) 
     if not train.is_dir() or val is None:
         missing = " and ".join(n for n, ok in (("train/", train.is_dir()), ("val/ (or test/)", val is not None)) if not ok)
         raise RmeetoError(f"data directory {root} has no {missing}: expected {root}/train/<class>/... and {root}/val/<class>/...")
-    train_classes, val_classes = _classes(train), _classes(val)
+    train_classes, val_classes = _classes(train, clips), _classes(val, clips)
     if train_classes != val_classes:
         only_train = sorted(set(train_classes) - set(val_classes))
         only_val = sorted(set(val_classes) - set(train_classes))
@@ -98,13 +110,14 @@ def check_data_dir(data_dir: str | os.PathLike, num_classes: int | None = None) 
     return DataSpec(root, train, val, train_classes)
 
 
-def check_eval_dir(data_dir: str | os.PathLike, num_classes: int | None = None) -> DataSpec:
-    """An evaluation directory: ``DIR/val`` (or ``DIR/test``), else ``DIR`` itself as class folders."""
+def check_eval_dir(data_dir: str | os.PathLike, num_classes: int | None = None, clips: bool | None = False) -> DataSpec:
+    """An evaluation directory: ``DIR/val`` (or ``DIR/test``), else ``DIR`` itself as class folders
+    (of images, of clips with ``clips``, or of either with ``clips=None``)."""
     root = Path(data_dir)
     if not root.is_dir():
         raise RmeetoError(f"data directory {root} does not exist: pass a folder holding val/ (or the class folders)")
     val = _val_split(root) or root
-    classes = _classes(val)
+    classes = _classes(val, clips)
     _check_classes(str(val), classes, num_classes)
     return DataSpec(root, None, val, classes)
 
@@ -141,18 +154,20 @@ def build_eval_transform(img_size: int, crop_pct: float = 0.875):
     return create_transform(img_size, is_training=False, interpolation="bicubic", crop_pct=crop_pct)
 
 
-def build_mixup(retrain, num_classes: int):
-    """timm Mixup/CutMix with label smoothing, or None when both alphas are 0."""
+def build_mixup(retrain, num_classes: int, clips: bool = False):
+    """timm Mixup/CutMix with label smoothing (one weight and box per clip for ``clips``), or
+    None when both alphas are 0."""
     if retrain.mixup <= 0 and retrain.cutmix <= 0:
         return None
     from timm.data import Mixup
 
-    return Mixup(
+    mixup = Mixup(
         mixup_alpha=retrain.mixup,
         cutmix_alpha=retrain.cutmix,
         label_smoothing=retrain.smoothing,
         num_classes=num_classes,
     )
+    return ClipMixup(mixup) if clips else mixup
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,14 +239,18 @@ def _image_folder(split: Path, transform):
 
 def build_train_loader(spec: DataSpec, img_size: int, retrain, *, batch_size: int, num_workers: int,
                        world_size: int = 1, rank: int = 0, seed: int = 0, no_aug: bool = False,
-                       pin_memory: bool = False) -> DataLoader:
+                       pin_memory: bool = False, frames: int = 0) -> DataLoader:
     """Shuffled, sharded training loader with ``drop_last`` (Mixup needs even, full batches).
-    Its ``generator`` is reseeded per epoch by the loop, so worker seeds depend on the epoch only."""
-    dataset = _image_folder(spec.train, build_train_transform(img_size, retrain, no_aug))
+    Its ``generator`` is reseeded per epoch by the loop, so worker seeds depend on the epoch only.
+    ``frames > 0``: clips of that many frames (:class:`~.clips.ClipFolder`)."""
+    if frames:
+        dataset = ClipFolder(spec.train, frames, build_clip_train_transform(img_size, retrain, no_aug), train=True)
+    else:
+        dataset = _image_folder(spec.train, build_train_transform(img_size, retrain, no_aug))
     sampler = ResumableSampler(dataset, world_size, rank, seed)
     if len(sampler) < batch_size:
         raise RmeetoError(
-            f"{spec.train} has {len(dataset)} images: fewer than one batch of {batch_size} per process "
+            f"{spec.train} has {len(dataset)} {'clips' if frames else 'images'}: fewer than one batch of {batch_size} per process "
             f"({world_size} process(es)); lower --batch-size"
         )
     return DataLoader(
@@ -242,8 +261,13 @@ def build_train_loader(spec: DataSpec, img_size: int, retrain, *, batch_size: in
 
 
 def build_eval_loader(spec: DataSpec, img_size: int, crop_pct: float, *, batch_size: int, num_workers: int,
-                      world_size: int = 1, rank: int = 0, pin_memory: bool = False) -> DataLoader:
-    dataset = _image_folder(spec.val, build_eval_transform(img_size, crop_pct))
+                      world_size: int = 1, rank: int = 0, pin_memory: bool = False, frames: int = 0) -> DataLoader:
+    """Sharded evaluation loader in a fixed order (``frames > 0``: clips, the middle frame of
+    each segment)."""
+    if frames:
+        dataset = ClipFolder(spec.val, frames, build_clip_eval_transform(img_size, crop_pct), train=False)
+    else:
+        dataset = _image_folder(spec.val, build_eval_transform(img_size, crop_pct))
     return DataLoader(
         dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), world_size, rank),
         num_workers=num_workers, drop_last=False, pin_memory=pin_memory, generator=torch.Generator().manual_seed(0),

@@ -1,4 +1,5 @@
-"""``rmeeto eval``: accuracy and throughput of a checkpoint on an ImageFolder split."""
+"""``rmeeto eval``: accuracy and throughput of a checkpoint on an ImageFolder split (or on class
+folders of clips, for a video model)."""
 
 from __future__ import annotations
 
@@ -17,13 +18,14 @@ EVAL_WORKERS = 4  # loader processes at most when none are asked for
 
 def evaluate_checkpoint(path: str | os.PathLike, data_dir: str | os.PathLike, *, batch_size: int = 128,
                         device: str | None = None, family: str = "vim", num_workers: int | None = None,
-                        crop_pct: float | None = None, factory=None, factory_kwargs=None) -> dict:
+                        crop_pct: float | None = None, factory=None, factory_kwargs=None, progress=None) -> dict:
     """Top-1/top-5 (%), mean cross-entropy and images/s of the model in ``path`` (an official
     checkpoint or an rmeeto compressed one) on ``data_dir/val`` (or ``test/``, or the class
     folders of ``data_dir`` itself). fp32; the crop follows the checkpoint's recipe
     (``eval_crop_pct``) unless ``crop_pct`` is given, 0.875 by default. ``factory``: the model
     class of a foreign model (see :func:`compressor.loading.load_model`). ``num_workers``: loader
-    processes (default: one per core but one, at most :data:`EVAL_WORKERS`)."""
+    processes (default: one per core but one, at most :data:`EVAL_WORKERS`). ``progress(description,
+    done, total)``: called after every batch (decoding clips makes evaluation slow)."""
     from ..loading import load_converted
 
     if num_workers is None:
@@ -33,14 +35,14 @@ def evaluate_checkpoint(path: str | os.PathLike, data_dir: str | os.PathLike, *,
     dev = resolve_device(device)
     model = load_converted(path, family=family, factory=factory, factory_kwargs=factory_kwargs)
     layout, steps = model.layout, model.steps
-    spec = check_eval_dir(data_dir, num_classes=layout.num_classes)
+    spec = check_eval_dir(data_dir, num_classes=layout.num_classes, clips=bool(layout.frames))
     recipe = model.recipe  # ``none`` for an official checkpoint: the default crop (0.875)
     if crop_pct is None:
         crop_pct = recipe.retrain.eval_crop_pct
     loader = build_eval_loader(spec, layout.img_size, crop_pct, batch_size=batch_size, num_workers=num_workers,
-                               pin_memory=dev.type == "cuda")
+                               pin_memory=dev.type == "cuda", frames=layout.frames)
     with cpu_threads(dev):
-        metrics = evaluate(model.to(dev), loader, device=dev)
+        metrics = evaluate(model.to(dev), loader, device=dev, progress=progress)
     return {
         **metrics,
         "checkpoint": str(path),
@@ -49,6 +51,7 @@ def evaluate_checkpoint(path: str | os.PathLike, data_dir: str | os.PathLike, *,
         "recipe": recipe.name if steps or recipe.name != "none" else None,
         "tokens": (layout.num_tokens, steps[-1].tokens_out if steps else layout.num_tokens),
         "img_size": layout.img_size,
+        "frames": layout.frames,  # clips of this many frames (video models); 0 for images
         "crop_pct": crop_pct,
         "device": str(dev),
     }

@@ -135,15 +135,16 @@ def train_one_epoch(state: TrainState, loader, epoch: int, *, reporter: Reporter
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, *, device: torch.device, amp_dtype: torch.dtype | None = None,
-             dist: Dist | None = None) -> dict:
+             dist: Dist | None = None, progress=None) -> dict:
     """Top-1 / top-5 accuracy (%), mean cross-entropy and images/s of ``model`` on ``loader``
-    (each rank its shard; sums reduced over ranks). Restores the model's train/eval mode."""
+    (each rank its shard; sums reduced over ranks). Restores the model's train/eval mode.
+    ``progress(description, batches done, batches)`` is called after every batch."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss, images
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
     t0 = time.perf_counter()
-    for images, targets in loader:
+    for done, (images, targets) in enumerate(loader, 1):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with autocast:
             logits = model(images)
@@ -153,6 +154,8 @@ def evaluate(model: nn.Module, loader, *, device: torch.device, amp_dtype: torch
             hit[:, 0].sum(), hit.any(dim=-1).sum(), F.cross_entropy(logits, targets, reduction="sum"),
             torch.tensor(len(targets), device=device),
         ]).double()
+        if progress is not None:
+            progress("evaluating", done, len(loader))
     seconds = time.perf_counter() - t0
     model.train(was_training)
     dist = dist or Dist(device=device)
@@ -215,7 +218,7 @@ def _fit(student, teacher, recipe, data_dir, out_dir, d, reporter, stop, *, resu
          explicit_batch) -> FitResult:
     # every check first (data, output folder, resume, loaders), the output folder created after
     student = make_student(student if student is not None else teacher, recipe)
-    spec = check_data_dir(data_dir, num_classes=student.layout.num_classes)
+    spec = check_data_dir(data_dir, num_classes=student.layout.num_classes, clips=bool(student.layout.frames))
     out = check_out_dir(out_dir, resume)
     ckpt, changed = load_resume(out / CHECKPOINT, recipe, student.source(), d.world_size) if resume else (None, {})
     if ckpt is not None and not explicit_batch and "batch_size" in changed:

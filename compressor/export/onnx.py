@@ -74,7 +74,8 @@ class ExportReport:
 def export_onnx(model: nn.Module, path, *, opset: int | None = None, batch: int = 1, dynamic_batch: bool = False,
                 fp16: bool = False, check: bool = True, rtol: float | None = None, inputs: torch.Tensor | None = None) -> ExportReport:
     """Export ``model`` (a :class:`~compressor.models.VisionMamba` or a module from
-    :func:`compressor.convert.convert`) to ``path`` for ``(batch, C, img_size, img_size)`` images.
+    :func:`compressor.convert.convert`) to ``path`` for ``(batch, C, img_size, img_size)`` images
+    (video models: ``(batch, C, frames, img_size, img_size)`` clips).
 
     ``dynamic_batch`` makes dim 0 dynamic (H and W stay fixed); ``fp16`` exports half precision
     (the model itself is left unchanged). The file is written to a temporary name next to
@@ -189,6 +190,7 @@ def _metadata(model, cfg, shape: tuple, dynamic_batch: bool, dtype: torch.dtype)
         "rmeeto.family": model.cfg.family if model.cfg is not None else "foreign",
         "rmeeto.img_size": str(cfg.img_size),
         "rmeeto.in_chans": str(cfg.in_chans),
+        "rmeeto.frames": str(cfg.frames),
         "rmeeto.input_shape": "x".join(["N" if dynamic_batch else str(shape[0]), *map(str, shape[1:])]),
         "rmeeto.dtype": str(dtype).removeprefix("torch."),
         "rmeeto.recipe": recipe.name,
@@ -322,18 +324,21 @@ def _input_dims(model: onnx.ModelProto) -> list[int | str]:
 
 def check_onnx_input(path: str | os.PathLike, shape) -> None:
     """Raise a one-line :class:`~compressor.errors.ShapeError` unless ``shape`` ``(N, C, H, W)``
-    fits the exported graph: H and W are fixed at export (they fix the token counts), the batch
-    too unless it was exported with a dynamic batch."""
+    (a clip model's ``(N, C, T, H, W)``) fits the exported graph: T, H and W are fixed at export
+    (they fix the token counts), the batch too unless it was exported with a dynamic batch."""
     model = _load_header(path)
     dims = _input_dims(model)
     shape = tuple(int(s) for s in shape)
     if len(shape) != len(dims):
         raise ShapeError(f"model expects {len(dims)}-d inputs {_fmt(dims)}, got shape {_fmt(shape)}")
-    if len(dims) == 4 and tuple(shape[2:]) != tuple(dims[2:]):
+    if len(dims) in (4, 5) and tuple(shape[-2:]) != tuple(dims[-2:]):
         raise ShapeError(
-            f"model exported for {dims[2]}x{dims[3]} inputs, got {shape[2]}x{shape[3]}: its token counts are fixed, "
-            f"resize the images or export a model built for {shape[2]} px"
+            f"model exported for {dims[-2]}x{dims[-1]} inputs, got {shape[-2]}x{shape[-1]}: its token counts are fixed, "
+            f"resize the {'clips' if len(dims) == 5 else 'images'} or export a model built for {shape[-2]} px"
         )
+    if len(dims) == 5 and shape[2] != dims[2]:
+        raise ShapeError(f"model exported for clips of {dims[2]} frames, got {shape[2]}: its token counts are fixed, "
+                         f"sample {dims[2]} frames per clip")
     for i, (want, got) in enumerate(zip(dims, shape)):
         if isinstance(want, int) and want != got:
             what = "batch" if i == 0 else f"dim {i}"

@@ -72,8 +72,10 @@ class TokenLayout:
     """What a converted model's token sequence looks like before any merge.
 
     ``cls_index``: the class token's position, a tuple of two for two class tokens, None for a
-    mean readout. ``input_shape``: one input without the batch axis, e.g. ``(3, 224, 224)``.
-    ``block_call``: ``"hidden_residual"`` or ``"hidden"``. ``readout``: ``"token"`` or ``"mean"``.
+    mean readout. ``input_shape``: one input without the batch axis, e.g. ``(3, 224, 224)``, or
+    ``(3, T, H, W)`` for a clip. ``block_call``: ``"hidden_residual"`` or ``"hidden"``.
+    ``readout``: ``"token"`` or ``"mean"``. ``token_frames``: the patch tokens come as that many
+    equal frames, frame-major (a clip's ``T / tubelet``; 1 for images).
     """
 
     num_tokens: int
@@ -86,10 +88,16 @@ class TokenLayout:
     block_call: str = "hidden_residual"
     readout: str = "token"
     cls_param: str | None = None
+    token_frames: int = 1
 
     @property
     def img_size(self) -> int:
         return self.input_shape[-1]
+
+    @property
+    def frames(self) -> int:
+        """Frames of an input clip (``input_shape`` ``(C, T, H, W)``); 0 for images."""
+        return self.input_shape[1] if len(self.input_shape) == 4 else 0
 
     @property
     def in_chans(self) -> int:
@@ -97,8 +105,10 @@ class TokenLayout:
 
     @property
     def grid(self) -> int | None:
-        """Side of the square patch grid, if the patch tokens form one."""
-        n = self.num_tokens - _count(self.cls_index)
+        """Side of the square patch grid (of one frame), if the patch tokens form one."""
+        n, rest = divmod(self.num_tokens - _count(self.cls_index), self.token_frames)
+        if rest:
+            return None
         side = int(round(n**0.5))
         return side if side * side == n else None
 
@@ -120,6 +130,20 @@ class TokenLayout:
 
 def _count(cls_index) -> int:
     return 0 if cls_index is None else len(cls_index) if isinstance(cls_index, tuple) else 1
+
+
+def token_frames_of(input_shape: tuple, num_tokens: int, cls_index) -> int:
+    """How many frames of patch tokens a model makes of a ``(C, T, H, W)`` clip: the largest
+    divisor ``t`` of ``T`` (a tubelet of ``T / t`` frames) that splits the patch tokens into
+    ``t`` square grids. 1 for images or when none does."""
+    if len(input_shape) != 4:
+        return 1
+    n = num_tokens - _count(cls_index)
+    for t in range(input_shape[1], 1, -1):
+        side = int(round((n / t) ** 0.5)) if n % t == 0 else 0
+        if input_shape[1] % t == 0 and side and side * side * t == n:
+            return t
+    return 1
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ from ..errors import RmeetoError
 from .bipartite import merge_source
 from .module import TokenMerge
 
-__all__ = ["merge_sources", "render_merges", "merges_figure", "image_label", "load_images", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["merge_sources", "render_merges", "render_clip_merges", "merges_figure", "image_label", "load_images",
+           "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -44,8 +45,9 @@ class _SourceTracker(fx.Interpreter):
 
 @torch.no_grad()
 def merge_sources(gm: fx.GraphModule, images: torch.Tensor) -> torch.Tensor:
-    """``images: (b, c, h, w)`` (normalised as the model expects) → ``(b, L_final, num_patches)``
-    0/1: entry ``[i, t, p]`` says that final token ``t`` holds patch ``p`` (row-major grid order).
+    """``images: (b, c, h, w)`` (normalised as the model expects; clips ``(b, c, T, h, w)``) →
+    ``(b, L_final, num_patches)`` 0/1: entry ``[i, t, p]`` says that final token ``t`` holds patch
+    ``p`` (row-major grid order; for clips frame-major, ``p = frame · grid² + row · grid + col``).
     The class token is tracked like any token, but its column is dropped, so its row is all zero.
     In ``merge`` mode every patch is in exactly one final token; ``prune`` drops some."""
     layout = getattr(gm, "layout", None)
@@ -72,18 +74,23 @@ def _colours(n: int, seed: int = 0) -> np.ndarray:
     return mcolors.hsv_to_rgb(np.stack([hue[rng.permutation(n)], sat, val], axis=-1))
 
 
-def _token_layer(labels: np.ndarray, size: int, alpha: float = 0.4) -> np.ndarray:
+def _token_layer(labels: np.ndarray, size: int, alpha: float = 0.4, sizes=None) -> np.ndarray:
     """``labels: (grid, grid)`` token id per patch (-1: dropped) → an ``(size, size, 4)`` RGBA
     layer to draw over the image: each token that holds several patches in its own colour at
     ``alpha``, a white outline around it, dropped patches dark; single-patch tokens transparent
-    (the image shows through where nothing was merged)."""
+    (the image shows through where nothing was merged). ``sizes``: patches each token holds
+    (default: counted in ``labels``; a clip gives its counts over all frames, so that a token keeps
+    its colour and outline in every frame)."""
     g = labels.shape[0]
     idx = np.minimum(np.arange(size) * g // size, g - 1)
     pix = labels[idx][:, idx]  # (size, size) token id per pixel
-    ids, counts = np.unique(labels[labels >= 0], return_counts=True)
-    merged = np.zeros(int(labels.max()) + 2, dtype=bool)  # index -1 (dropped) is the last slot
-    merged[ids[counts > 1]] = True
-    palette = np.concatenate([_colours(int(labels.max()) + 1), np.zeros((1, 3))])
+    if sizes is None:
+        ids, counts = np.unique(labels[labels >= 0], return_counts=True)
+        merged = np.zeros(int(labels.max()) + 2, dtype=bool)  # index -1 (dropped) is the last slot
+        merged[ids[counts > 1]] = True
+    else:
+        merged = np.append(np.asarray(sizes) > 1, False)
+    palette = np.concatenate([_colours(len(merged) - 1), np.zeros((1, 3))])
     layer = np.zeros((size, size, 4))
     layer[..., :3] = palette[pix]
     layer[..., 3] = np.where(pix < 0, 0.75, np.where(merged[pix], alpha, 0.0))
@@ -146,6 +153,45 @@ def merges_figure(images: torch.Tensor, sources: torch.Tensor, grid: int, titles
     for ax in axes:
         ax.axis("off")
     return fig
+
+
+def render_clip_merges(clips: torch.Tensor, sources: torch.Tensor, grid: int, path: str | os.PathLike,
+                       titles=None) -> Path:
+    """Write a PNG of per-frame source maps: one row per clip, one panel per frame, each frame's
+    patches drawn by the merged token that holds them (:func:`_token_layer`). A token keeps its
+    colour in every frame, so one that spans frames shows where tokens merged across time.
+
+    ``clips: (b, 3, T', h, w)`` RGB in [0, 1], one frame per token frame; ``sources: (b, L_final,
+    T'·grid²)`` from :func:`merge_sources`; ``titles``: optional label per clip."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from .._io import atomic_write
+
+    b, frames = clips.shape[0], clips.shape[2]
+    if sources.shape[0] != b or sources.shape[-1] != frames * grid * grid:
+        raise RmeetoError(f"sources {tuple(sources.shape)} do not fit {b} clips of {frames} frames on a {grid}x{grid} grid")
+    fig = Figure(figsize=(2.2 * frames, 2.6 * b), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(b, frames, squeeze=False)
+    for i in range(b):
+        src = sources[i].detach().cpu()
+        held = src.sum(0) > 0
+        labels = np.where(held.numpy(), src.argmax(0).numpy(), -1).reshape(frames, grid, grid)
+        sizes = src.sum(-1).numpy()
+        reach = (src.reshape(src.shape[0], frames, -1).sum(-1) > 0).sum(-1)  # frames each token reaches
+        kept, spanning = int((reach > 0).sum()), int((reach > 1).sum())
+        for t in range(frames):
+            img = clips[i, :, t].detach().permute(1, 2, 0).clamp(0, 1).cpu().numpy()
+            axes[i, t].imshow(img)
+            axes[i, t].imshow(_token_layer(labels[t], img.shape[0], sizes=sizes),
+                              extent=(-0.5, img.shape[1] - 0.5, img.shape[0] - 0.5, -0.5))
+            axes[i, t].set_title(f"frame {t}", fontsize=8)
+            axes[i, t].axis("off")
+        title = titles[i] if titles else f"clip {i}"
+        axes[i, 0].set_title(f"{title}: {kept} tokens from {frames * grid * grid} patches, {spanning} span frames\nframe 0",
+                             fontsize=8, loc="left")
+    return atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100, bbox_inches="tight", pad_inches=0.15))
 
 
 def load_images(paths, img_size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,8 +4,10 @@ architecture off the tensor shapes, and build the model.
 Official Vim / VideoMamba files are ``torch.save`` of ``{'model': state_dict, 'optimizer', ...,
 'args': argparse.Namespace, ['model_ema']}``. They are read with ``weights_only=True`` and only the
 globals in :data:`SAFE_GLOBALS` allowed: a pickle that asks for anything else (``os.system``, a
-class with ``__reduce__``) is refused before it runs. Vim and VideoMamba share every key and shape,
-so the family cannot be read off a file: it is a parameter.
+class with ``__reduce__``) is refused before it runs. Vim and VideoMamba image models share every
+key and shape, so their family cannot be read off a file: it is a parameter. VideoMamba *video*
+files can be told apart (``temporal_pos_embedding``, a 5-d ``patch_embed.proj.weight``): their
+family is read off the keys.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ _REQUIRED = (
     "layers.0.mixer.out_proj.weight",
 )
 _BACKWARD_KEY = "layers.0.mixer.A_b_log"
+_TEMPORAL_KEY = "temporal_pos_embedding"  # VideoMamba video models only
 _DEFAULT_IMG_SIZE = 224
 _CLS_POSITION = {"vim": "middle", "videomamba": "head"}
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.")
@@ -189,8 +192,10 @@ def infer_config(state_dict: dict, family: str = "vim", **overrides) -> VimConfi
     """The :class:`VimConfig` whose model has exactly ``state_dict``'s keys and shapes.
 
     ``family`` (``vim`` or ``videomamba``) decides what the file cannot: where the class token
-    sits and whether the scan directions are averaged. ``img_size`` (default 224) gives the
-    stride from the ``pos_embed`` grid; ``overrides`` then replace config fields.
+    sits and whether the scan directions are averaged. A video checkpoint (``temporal_pos_embedding``)
+    is VideoMamba's whatever ``family`` says: frames = its rows × the tubelet (the patch kernel's
+    depth). ``img_size`` (default 224) gives the stride from the ``pos_embed`` grid; ``overrides``
+    then replace config fields.
     """
     if family not in FAMILIES:
         raise CheckpointError(f"unknown family {family!r}: choose one of {', '.join(FAMILIES)}")
@@ -207,6 +212,9 @@ def infer_config(state_dict: dict, family: str = "vim", **overrides) -> VimConfi
         )
     sh = {k: tuple(v.shape) for k, v in state_dict.items()}
     arch = _mixer_shapes(sh)
+    video = _video_shapes(sh)
+    if video:
+        family = "videomamba"
     img_size = int(overrides.pop("img_size", 0) or 0)
     geometry = _geometry(sh, "cls_token" in sh, img_size, arch["embed_dim"])
     fields = dict(
@@ -216,6 +224,7 @@ def infer_config(state_dict: dict, family: str = "vim", **overrides) -> VimConfi
         cls_position=_CLS_POSITION[family] if "cls_token" in sh else "none",
         divide_out=family == "vim",
         family=family,
+        **video,
     )
     try:
         return VimConfig(**fields).replace(**overrides)
@@ -245,13 +254,31 @@ def _mixer_shapes(sh: dict) -> dict:
     )
 
 
+def _video_shapes(sh: dict) -> dict:
+    """``num_frames`` and ``tubelet`` of a video checkpoint (``{}`` for an image one): the
+    temporal embedding has one row per token frame, the 3-d patch kernel is ``tubelet`` deep."""
+    kernel = sh["patch_embed.proj.weight"]
+    if _TEMPORAL_KEY not in sh and len(kernel) == 4:
+        return {}
+    if _TEMPORAL_KEY not in sh or len(kernel) != 5:
+        what = f"a {len(kernel)}-d patch_embed.proj.weight" + (f" with {_TEMPORAL_KEY}" if _TEMPORAL_KEY in sh else
+                                                                 f" without {_TEMPORAL_KEY}")
+        raise CheckpointError(f"unsupported variant: {what}; a VideoMamba video checkpoint has both a 5-d (3-d "
+                              f"convolution) patch kernel and {_TEMPORAL_KEY}, an image checkpoint neither")
+    temporal, tubelet = sh[_TEMPORAL_KEY], kernel[2]
+    if len(temporal) != 3 or temporal[0] != 1 or temporal[2] != kernel[0]:
+        raise CheckpointError(f"unsupported variant: {_TEMPORAL_KEY} has shape {temporal}, expected (1, frames, {kernel[0]})")
+    return {"num_frames": temporal[1] * tubelet, "tubelet": tubelet}
+
+
 def _geometry(sh: dict, has_cls: bool, img_size: int, d: int) -> dict:
-    """Patch size, channels, image size and stride from ``patch_embed`` and the ``pos_embed`` grid.
+    """Patch size, channels, image size and stride from ``patch_embed`` and the ``pos_embed`` grid
+    (a video ``pos_embed`` holds one frame's grid).
 
     stride = (img_size - patch) / (grid - 1). Without an explicit ``img_size`` the official 224 is
     tried first, then non-overlapping patches (``img_size = grid · patch``, e.g. 448 px files).
     """
-    _, in_chans, ph, pw = sh["patch_embed.proj.weight"]
+    _, in_chans, *_, ph, pw = sh["patch_embed.proj.weight"]
     if ph != pw:
         raise CheckpointError(f"unsupported variant: non-square patches {ph}x{pw} in patch_embed.proj.weight")
     tokens = sh["pos_embed"][1]
@@ -347,7 +374,8 @@ def describe_checkpoint(path, family: str | None = None, ema: bool = False, obj:
 
     With ``family=None`` the family is the one the checkpoint's ``args.model`` names (official
     training checkpoints); without that, a Vim layout is read as Vim and ``ambiguous`` says it
-    could as well be VideoMamba (the two share every key and shape).
+    could as well be VideoMamba (the two share every key and shape). A video layout is
+    VideoMamba's whatever it says (its keys tell; not ambiguous).
     """
     obj = read_checkpoint(path) if obj is None else obj
     info = {"path": str(path), "top_level_keys": [str(k) for k in obj], "has_ema": isinstance(obj.get("model_ema"), dict)}
@@ -355,11 +383,11 @@ def describe_checkpoint(path, family: str | None = None, ema: bool = False, obj:
     sd, note = extract_state_dict(obj, ema=ema)
     named = family_from_model_name(info["model_name"])
     cfg = infer_config(sd, family or named or "vim")
-    ambiguous = family is None and named is None and cfg.cls_position != "none"
+    ambiguous = family is None and named is None and cfg.cls_position != "none" and not cfg.is_video
     info.update(
         rmeeto_format=None,
-        family=family or named,
-        family_source="--family" if family else ("args.model" if named else None),
+        family=cfg.family if cfg.is_video else family or named,
+        family_source="keys" if cfg.is_video else "--family" if family else ("args.model" if named else None),
         config=cfg,
         parameters=sum(v.numel() for v in sd.values()),
         tokens=cfg.num_tokens,

@@ -11,10 +11,15 @@ FAMILIES = ("vim", "videomamba")
 
 @dataclass(frozen=True)
 class VimConfig:
-    """One Vision Mamba image model.
+    """One Vision Mamba image or video model.
 
     ``cls_position``: ``middle`` (Vim: index ``M // 2``), ``head`` (VideoMamba: index 0) or
     ``none`` (mean pooling). ``divide_out``: Vim averages the two scan directions, VideoMamba sums.
+
+    ``num_frames`` > 0 makes a video model (VideoMamba's ``video_sm`` layout): inputs
+    ``(b, in_chans, num_frames, img_size, img_size)``, a 3-d patch embedding over ``tubelet``
+    frames at a time, so ``token_frames = num_frames // tubelet`` frames of ``grid²`` patch tokens,
+    frame-major after the class token at 0. ``num_frames = 0``: an image model (``tubelet`` unused).
     """
 
     embed_dim: int = 192
@@ -33,6 +38,8 @@ class VimConfig:
     drop_path_rate: float = 0.1
     norm_eps: float = 1e-5
     family: str = "vim"
+    num_frames: int = 0
+    tubelet: int = 1
 
     def __post_init__(self):
         if self.cls_position not in CLS_POSITIONS:
@@ -41,6 +48,13 @@ class VimConfig:
             raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
         if self.img_size < self.patch_size:
             raise ValueError(f"img_size {self.img_size} is smaller than patch_size {self.patch_size}")
+        if self.num_frames < 0 or self.tubelet < 1:
+            raise ValueError(f"num_frames must be >= 0 and tubelet >= 1, got {self.num_frames} / {self.tubelet}")
+        if self.num_frames:
+            if self.num_frames % self.tubelet:
+                raise ValueError(f"num_frames {self.num_frames} is not a multiple of the tubelet {self.tubelet}")
+            if self.family != "videomamba" or self.cls_position != "head":
+                raise ValueError("video models (num_frames > 0) are VideoMamba's: family 'videomamba', class token at the head")
 
     @property
     def rank(self) -> int:
@@ -55,8 +69,28 @@ class VimConfig:
         return (self.img_size - self.patch_size) // self.stride + 1
 
     @property
-    def num_patches(self) -> int:
+    def is_video(self) -> bool:
+        return self.num_frames > 0
+
+    @property
+    def token_frames(self) -> int:
+        """Frames of patch tokens: ``num_frames // tubelet`` for video, 1 for images."""
+        return self.num_frames // self.tubelet if self.num_frames else 1
+
+    @property
+    def frame_patches(self) -> int:
+        """Patch tokens of one (token) frame: ``grid²``."""
         return self.grid * self.grid
+
+    @property
+    def num_patches(self) -> int:
+        return self.token_frames * self.frame_patches
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One input without the batch axis: ``(C, H, W)``, or ``(C, T, H, W)`` for video."""
+        frames = (self.num_frames,) if self.num_frames else ()
+        return (self.in_chans, *frames, self.img_size, self.img_size)
 
     @property
     def num_tokens(self) -> int:

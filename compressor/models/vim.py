@@ -1,7 +1,8 @@
-"""Vision Mamba (Vim and VideoMamba image models), pure PyTorch, official state_dict layout.
+"""Vision Mamba (Vim, VideoMamba image and video models), pure PyTorch, official state_dict layout.
 
-One implementation for both families; :class:`~compressor.models.config.VimConfig` says where the
-class token sits and how the two scan directions combine. The hot ops go through
+One implementation for all of them; :class:`~compressor.models.config.VimConfig` says where the
+class token sits, how the two scan directions combine and whether the input is a clip (a 3-d
+patch embedding and a temporal position embedding; the blocks are the same). The hot ops go through
 :mod:`compressor.ops`, so the same module runs on the reference, chunked or CUDA backends.
 """
 
@@ -125,16 +126,27 @@ class TokenReadout(nn.Module):
 
 
 class PatchEmbed(nn.Module):
+    """``(b, C, H, W)`` → ``(b, grid², d)`` row-major; video ``(b, C, T, H, W)`` → ``(b, T/tubelet ·
+    grid², d)`` frame-major (a Conv3d over ``tubelet`` frames, as VideoMamba's ``video_sm``)."""
+
     def __init__(self, cfg: VimConfig):
         super().__init__()
-        self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, cfg.stride)
+        if cfg.is_video:
+            kernel, stride = (cfg.tubelet, cfg.patch_size, cfg.patch_size), (cfg.tubelet, cfg.stride, cfg.stride)
+            self.proj = nn.Conv3d(cfg.in_chans, cfg.embed_dim, kernel, stride)
+        else:
+            self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, cfg.stride)
 
     def forward(self, x):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
 class VisionMamba(nn.Module):
-    """Vision Mamba image classifier with the official parameter names and shapes."""
+    """Vision Mamba image (or video) classifier with the official parameter names and shapes.
+
+    Video (``cfg.num_frames > 0``): ``pos_embed`` holds the class token's row and one frame's
+    ``grid²`` rows (added to every frame), ``temporal_pos_embedding`` one row per token frame;
+    the sequence is the class token, then the patch tokens frame by frame."""
 
     def __init__(self, cfg: VimConfig):
         super().__init__()
@@ -142,7 +154,10 @@ class VisionMamba(nn.Module):
         d = cfg.embed_dim
         if cfg.cls_position != "none":
             self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, d))
+        pos_rows = 1 + cfg.frame_patches if cfg.is_video else cfg.num_tokens
+        self.pos_embed = nn.Parameter(torch.zeros(1, pos_rows, d))
+        if cfg.is_video:  # zeros, as the official model leaves it before loading weights
+            self.temporal_pos_embedding = nn.Parameter(torch.zeros(1, cfg.token_frames, d))
         self.patch_embed = PatchEmbed(cfg)
         self.head = nn.Linear(d, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         # official schedule: layer i gets rate·(i−1)/(depth−1) for i ≥ 1, layer 0 none; final add gets rate
@@ -172,12 +187,23 @@ class VisionMamba(nn.Module):
 
     def embed(self, img):
         """Patches, class token inserted at its position, absolute position embedding."""
+        if self.cfg.is_video:
+            return self._embed_clip(img)
         x = self.patch_embed(img)
         idx = self.cfg.cls_index
         if idx is not None:
             cls = self.cls_token.expand(x.shape[0], -1, -1)
             x = torch.cat([x[:, :idx], cls, x[:, idx:]], dim=1)
         return x + self.pos_embed
+
+    def _embed_clip(self, clip):
+        """``(b, C, T, H, W)`` → ``(b, 1 + T'·grid², d)``: per frame the spatial rows of
+        ``pos_embed``, then the frame's temporal row (the official order of the two additions,
+        so fp32 results match bit for bit); the class token gets ``pos_embed[:, 0]`` only."""
+        x = self.patch_embed(clip).unflatten(1, (self.cfg.token_frames, self.cfg.frame_patches))
+        x = (x + self.pos_embed[:, None, 1:]) + self.temporal_pos_embedding[:, :, None]
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        return torch.cat([cls, x.flatten(1, 2)], dim=1)
 
     def forward_features(self, img):
         hidden, residual = self.embed(img), None

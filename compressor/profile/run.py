@@ -160,7 +160,7 @@ def _static_info(t: ProfileTarget) -> dict:
     gm, cfg, layout, steps = t.module, t.module.cfg, t.module.layout, t.module.steps
     recipe = gm.recipe
     flops = count_flops(cfg, steps, merge=recipe.merge if steps else None) if cfg is not None else None
-    arch = {k: getattr(cfg, k) for k in ("family", "embed_dim", "depth", "img_size", "patch_size", "stride", "num_classes")} \
+    arch = {k: getattr(cfg, k) for k in ("family", "embed_dim", "depth", "img_size", "num_frames", "patch_size", "stride", "num_classes")} \
         if cfg is not None else {"family": "foreign", "embed_dim": layout.embed_dim, "depth": layout.depth,
                                  "input_shape": list(layout.input_shape), "num_classes": layout.num_classes}
     return {
@@ -318,10 +318,10 @@ def _accuracy(gm: ConvertedModel, data, s: ProfileSettings, dtype: str) -> dict:
     from ..engine.data import build_eval_loader, check_eval_dir
     from ..engine.loop import evaluate
 
-    spec = check_eval_dir(data, num_classes=gm.layout.num_classes)
+    spec = check_eval_dir(data, num_classes=gm.layout.num_classes, clips=bool(gm.layout.frames))
     crop = s.crop_pct or gm.recipe.retrain.eval_crop_pct
     loader = build_eval_loader(spec, gm.layout.img_size, crop, batch_size=s.eval_batch_size, num_workers=s.eval_workers,
-                               pin_memory=s.device == "cuda")
+                               pin_memory=s.device == "cuda", frames=gm.layout.frames)
     model = gm if dtype == "fp32" else _CastInput(gm, DTYPES[dtype])
     m = evaluate(model, loader, device=torch.device(s.device))
     return {"top1": m["top1"], "top5": m["top5"], "loss": m["loss"], "images": m["images"],
@@ -434,7 +434,7 @@ def run_profile(ckpt: str | os.PathLike | None = None, *, out_dir: str | os.Path
     if data is not None:
         from ..engine.data import check_eval_dir
 
-        check_eval_dir(data)  # fail on a bad data folder before timing anything
+        check_eval_dir(data, clips=None)  # fail on a bad data folder before timing anything (images or clips)
     targets = load_targets(ckpt, baseline=baseline, recipes=recipes, model=model, family=family,
                            factory=as_factory(factory))
     try:
