@@ -68,6 +68,7 @@ class MergeConfig:
         if any(i < 1 for i in self.layers):
             raise ValueError(f"layers must be >= 1 (no merge before the first block), got {list(self.layers)}")
         object.__setattr__(self, "schedule", _pairs(self.schedule))
+        object.__setattr__(self, "_counts", dict(self.schedule))  # prune_at's lookup (not a field)
         if any(layer < 1 or r < 0 for layer, r in self.schedule):
             raise ValueError(f"schedule needs layers >= 1 and token counts >= 0, got {dict(self.schedule)}")
         if self.schedule and (self.num_prune or self.layers or self.final_tokens):
@@ -86,7 +87,7 @@ class MergeConfig:
     def prune_at(self, layer: int) -> int:
         """Tokens requested at merge layer ``layer`` before the cap: the schedule's count, else ``num_prune``."""
         if self.schedule:
-            return dict(self.schedule).get(layer, 0)
+            return self._counts.get(layer, 0)
         return self.num_prune
 
     def merge_layers(self, depth: int) -> list[int]:
@@ -126,6 +127,11 @@ def class_token_after(cls_in: int | None, tokens_in: int, r: int, ordered: bool 
     return (cls_in * (n_src - r)) // n_src
 
 
+def merge_cap(tokens_in: int, has_cls: bool) -> int:
+    """The most tokens one merge can remove: half of the tokens other than the class token."""
+    return (tokens_in - has_cls) // 2
+
+
 def merge_schedule(cfg: MergeConfig, num_tokens: int, cls_index: int | None, depth: int) -> list[MergeStep]:
     """The merges a recipe performs on a model with ``num_tokens`` input tokens. Merges that
     would remove nothing are left out (they are no-ops)."""
@@ -133,7 +139,7 @@ def merge_schedule(cfg: MergeConfig, num_tokens: int, cls_index: int | None, dep
     has_cls = cls_index is not None
     steps, L, tp = [], num_tokens, cls_index
     for k, layer in enumerate(layers):
-        cap = (L - has_cls) // 2
+        cap = merge_cap(L, has_cls)
         want = L - cfg.final_tokens if cfg.final_tokens > 0 and k == len(layers) - 1 else cfg.prune_at(layer)
         r = max(0, min(want, cap))
         if r == 0:
