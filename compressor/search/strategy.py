@@ -15,7 +15,8 @@
    on everything scored so far (:mod:`compressor.search.surrogate`).
 4. **Confirmation.** The plain model is re-timed, then the ``confirm`` best schedules predicted
    to reach the goal are timed whole; the best of those whose measured speed-up reaches the goal
-   wins. If none does, ``alpha`` is re-fitted on every whole timing and the next ones are tried.
+   wins. If none does, ``alpha`` is re-fitted on every whole timing and the next ones are tried
+   (when none is left, the best few are repaired under the new prediction and scored).
    Each compared recipe is timed whole, with the best schedule predicted at least as fast.
 
 All choices come from one ``random.Random(seed)`` and deterministic sorts: the same seed, timing
@@ -312,6 +313,8 @@ class Search:
         limit = 3 * self.cfg.confirm
         while len(confirmed) < limit:
             todo = [c for c in self._ranked() if c.measured_ms is None]
+            if not todo and confirmed:
+                todo = self._repaired_finalists()
             if not todo:
                 break
             for c in todo[: self.cfg.confirm if not confirmed else 1]:
@@ -324,10 +327,22 @@ class Search:
             self._fit_alpha()  # the predictions were optimistic: re-fit on every whole timing
         return None
 
+    def _repaired_finalists(self) -> list[Candidate]:
+        """After a re-fit left no scored schedule predicted at the goal: the best few, repaired
+        (tokens added) under the new prediction and scored."""
+        by_quality = sorted(self.cands.values(), key=lambda c: (objective_key(c.quality, self.cfg.objective), -c.index),
+                            reverse=True)
+        out = []
+        for c in by_quality[: self.cfg.confirm]:
+            s = self.repair(c.schedule)
+            if s is not None and s not in self.cands:
+                out.append(self.evaluate(s, f"#{c.index} repaired after re-fit"))
+        return sorted(out, key=lambda c: objective_key(c.quality, self.cfg.objective), reverse=True)
+
     def _compare(self) -> list[dict]:
         out = []
         for name in self.compare:
-            rc = self.cands[self.compare[name]]
+            rc = self.evaluate(self.compare[name], f"recipe {name}", (name,))
             if rc.measured_ms is None:
                 self._time_whole(rc, f"recipe {name}")
             rivals = sorted((c for c in self.cands.values() if c is not rc and self.speed(c.schedule) >= rc.measured_speedup),

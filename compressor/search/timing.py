@@ -49,6 +49,8 @@ class TimingModel:
         self.alpha = 1.0
         self.plain_ms = float("nan")
         self.measure_s = 0.0  # wall time spent measuring (for the report)
+        self.backend = "table"  # how wholes and parts are run: graph, eager (measured) or table (given)
+        self.rows: list[dict] = []  # one per measurement (for the report)
         self._savings: dict[Schedule, float] = {}
 
     # subclasses: the measurements
@@ -179,7 +181,6 @@ class MeasuredTiming(TimingModel):
         self.block = set_backend(copy.deepcopy(model.layers[min(1, cfg.depth - 1)]), ops).to(device, dtype).eval()
         with torch.inference_mode():
             _, self._residual = self.block(self._hidden, None)  # the residual's dtype as layers 1.. see it
-        self.rows: list[dict] = []
 
     def _time(self, module: nn.Module, x: torch.Tensor, repeats: int, what: str) -> float:
         t0 = time.perf_counter()
