@@ -40,7 +40,8 @@ class Clock:
         return self.t
 
 
-def make(required=1.3, *, seed=0, alpha=0.9, budget=1e9, max_evals=40, latency_ms=None, compare=None, margin=0.01):
+def make(required=1.3, *, seed=0, alpha=0.9, budget=1e9, max_evals=40, latency_ms=None, compare=None, margin=0.01,
+         target_schedule=None):
     """A search on SPACE whose whole-model time is ``plain + alpha * predicted savings`` and whose
     scorer advances a fake clock by 1 s per schedule."""
     clock = Clock()
@@ -52,7 +53,8 @@ def make(required=1.3, *, seed=0, alpha=0.9, budget=1e9, max_evals=40, latency_m
         loss = true_loss(s)
         return {"agreement": round(math.exp(-loss / 40), 4), "kl": loss / 100, "top1": None, "seconds": 1.0}
 
-    cfg = SearchConfig(required_speedup=None if latency_ms else required, latency_ms=latency_ms, seed=seed,
+    cfg = SearchConfig(required_speedup=None if latency_ms or target_schedule else required, latency_ms=latency_ms,
+                       target_schedule=target_schedule, seed=seed,
                        budget_s=budget, max_evals=max_evals, margin=margin, patience=50)
     return Search(SPACE, timing, scorer, cfg, compare=compare or {}, clock=clock), timing, clock
 
@@ -247,3 +249,14 @@ def test_latency_target_becomes_a_speedup():
     res = make(latency_ms=PLAIN_MS / 1.2, max_evals=15)[0].run()
     assert res.required_speedup == pytest.approx(1.2)
     assert res.status == "found" and res.best.measured_ms <= PLAIN_MS / 1.2 / 1.01
+
+
+def test_target_recipe_speed_is_measured_then_beaten_on_quality():
+    r031 = SPACE.uniform(8, 2)  # the CIFAR-10 r031: num_prune 8 every 2nd layer
+    search, timing, _ = make(target_schedule=r031, max_evals=30, compare={"r031": r031})
+    res = search.run()
+    assert res.required_speedup == pytest.approx(PLAIN_MS / (PLAIN_MS + 0.9 * timing.savings_ms(r031)))
+    assert res.whole_timings[0]["why"] == "target"
+    assert res.status == "found" and res.best.measured_speedup >= res.required_speedup * 1.01
+    cmp = res.comparisons[0]
+    assert cmp["rival_better"] and res.candidates[cmp["rival"]].quality["agreement"] > res.candidates[cmp["index"]].quality["agreement"]

@@ -128,6 +128,8 @@ def test_cli_unreachable_target_is_one_line_naming_the_knob(work, monkeypatch):
     (["--model", "vim_test", "--target-speedup", "1.2", "--device", "cuda"], None),
     (["--model", "vim_test", "--target-speedup", "1.2", "--objective", "top1"], "needs labelled images"),
     (["--model", "vim_test", "--target-speedup", "1.2", "--compare", "nosuch"], "unknown recipe 'nosuch'"),
+    (["--model", "vim_test", "--target-recipe", "nosuch"], "unknown recipe 'nosuch'"),
+    (["--model", "vim_test", "--target-recipe", "r031", "--target-speedup", "1.2"], "give one target"),
 ])
 def test_cli_bad_input_is_one_line(work, monkeypatch, args, needle):
     if needle is None:

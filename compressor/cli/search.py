@@ -52,6 +52,7 @@ def search(
     out: Annotated[Path, typer.Option("-o", "--out", help="The found recipe (.toml); the report goes to <stem>_report/ beside it.")] = Path("found.toml"),
     target_speedup: Annotated[Optional[float], typer.Option(help="Speed-up over the plain model at --batch-size, e.g. 1.35.", show_default=False)] = None,
     target_latency_ms: Annotated[Optional[float], typer.Option(help="Median ms per forward of --batch-size images, e.g. 8.", show_default=False)] = None,
+    target_recipe: Annotated[Optional[str], typer.Option(help="As fast as this recipe (name or .toml), measured here.", show_default=False)] = None,
     batch_size: Annotated[int, typer.Option(help="Batch size the speed is measured at.", min=1)] = 128,
     model: Annotated[Optional[str], typer.Option(help="Registry model with random weights instead of CKPT (speed only).", show_default=False)] = None,
     family: Annotated[Optional[Family], typer.Option(help="Model family of an official checkpoint.", show_default=False)] = None,
@@ -76,7 +77,7 @@ def search(
     """Find the merge schedule that meets a measured speed target here with the least loss; write
     it as a recipe (rmeeto compress --recipe OUT) and a report with every schedule tried."""
     settings = SearchSettings(
-        target_speedup=target_speedup, target_latency_ms=target_latency_ms, batch_size=batch_size,
+        target_speedup=target_speedup, target_latency_ms=target_latency_ms, target_recipe=target_recipe, batch_size=batch_size,
         device=device.value if device else "auto", dtype=dtype.value if dtype else None, num_images=num_images,
         eval_batch_size=eval_batch_size, time_budget_s=parse_duration(time_budget), max_evals=max_evals, seed=seed,
         objective=objective.value if objective else None, margin=margin, confirm=confirm, repeats=repeats,

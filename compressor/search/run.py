@@ -35,14 +35,16 @@ DEFAULT_COMPARE = ("r014", "r028", "r031", "r042", "r056")
 
 @dataclass(frozen=True)
 class SearchSettings:
-    """How to search. Exactly one of ``target_speedup`` (over the plain model, same batch) and
-    ``target_latency_ms`` (median time of one forward of ``batch_size`` images). ``device="auto"``:
+    """How to search. Exactly one target: ``target_speedup`` (over the plain model, same batch),
+    ``target_latency_ms`` (median time of one forward of ``batch_size`` images) or
+    ``target_recipe`` (a recipe's speed-up, measured here in the same run). ``device="auto"``:
     CUDA when available; ``dtype=None``: fp16 on CUDA, fp32 on the CPU (timing; scoring is fp32).
     ``objective=None``: ``top1`` when the calibration images carry the model's labels, else
     ``agreement``. ``max_evals``: stop after this many scored schedules (reproducible runs)."""
 
     target_speedup: float | None = None
     target_latency_ms: float | None = None
+    target_recipe: str | None = None
     batch_size: int = 128
     device: str = "auto"
     dtype: str | None = None
@@ -61,8 +63,9 @@ class SearchSettings:
     merge_impl: str = "auto"
 
     def resolved(self) -> "SearchSettings":
-        if (self.target_speedup is None) == (self.target_latency_ms is None):
-            raise RmeetoError("give one target: --target-speedup (e.g. 1.35) or --target-latency-ms (e.g. 8)")
+        if sum(t is not None for t in (self.target_speedup, self.target_latency_ms, self.target_recipe)) != 1:
+            raise RmeetoError("give one target: --target-speedup (e.g. 1.35), --target-latency-ms (e.g. 8) "
+                              "or --target-recipe (e.g. r031)")
         if self.target_speedup is not None and not self.target_speedup > 0:
             raise RmeetoError(f"--target-speedup must be > 0, got {self.target_speedup}")
         if self.target_latency_ms is not None and not self.target_latency_ms > 0:
@@ -169,6 +172,31 @@ def _description(res: SearchResult, target_text: str, st: SearchSettings, device
 # -------------------------------------------------------------------------------------------- run
 
 
+@dataclass
+class _Target:
+    text: str  # "x1.35", "8 ms per batch", "the speed of r031"
+    knob: str  # what to turn when it is out of reach
+    schedule: tuple[int, ...] | None = None
+
+
+def _target(s: SearchSettings, space: Space) -> _Target:
+    if s.target_speedup is not None:
+        return _Target(f"x{s.target_speedup:g}", "lower --target-speedup")
+    if s.target_latency_ms is not None:
+        return _Target(f"{s.target_latency_ms:g} ms per batch", "raise --target-latency-ms")
+    recipe = load_recipe(s.target_recipe)
+    return _Target(f"the speed of {recipe.name}", "pick a slower --target-recipe", space.from_config(recipe.merge))
+
+
+def _calibration(data, s: SearchSettings, cfg, base: Recipe, notes: list[str]):
+    if data is not None:
+        return load_calibration(data, s.num_images, cfg.img_size, base.retrain.eval_crop_pct, cfg.num_classes, seed=s.seed)
+    calib = generated_calibration(s.num_images, cfg.in_chans, cfg.img_size, seed=s.seed)
+    notes.append(f"no --data: quality scored on {calib.source}, which says how much merging changes the outputs, "
+                 "not how accurate the model stays on real images")
+    return calib
+
+
 def run_search(ckpt: str | os.PathLike | None = None, *, out: str | os.PathLike = "found.toml",
                report_dir: str | os.PathLike | None = None, model: str | None = None, family: str | None = None,
                data: str | os.PathLike | None = None, compare: list[str] | None = None,
@@ -185,71 +213,35 @@ def run_search(ckpt: str | os.PathLike | None = None, *, out: str | os.PathLike 
     report_dir = Path(report_dir) if report_dir is not None else out.with_name(f"{out.stem}_report")
     base = load_recipe(base_recipe) if base_recipe is not None else Recipe(name="base")
     net, model_name, source = _plain_model(ckpt, model, family)
-    cfg = net.cfg
-    m = base.merge
+    cfg, m = net.cfg, base.merge
     space = Space(cfg.num_tokens, cfg.cls_index, cfg.depth, mode=m.mode, ordered=m.ordered, distance=m.distance)
-    compare_schedules = _compare(space, compare)
-    notes = [] if model is None else [f"{source}"]
-
-    def say(phase, msg):
-        if progress is not None:
-            progress(phase, 0.0, msg)
-
-    say("setup", "loading calibration images")
-    if data is not None:
-        calib = load_calibration(data, s.num_images, cfg.img_size, base.retrain.eval_crop_pct, cfg.num_classes, seed=s.seed)
-    else:
-        calib = generated_calibration(s.num_images, cfg.in_chans, cfg.img_size, seed=s.seed)
-        notes.append(f"no --data: quality scored on {calib.source}, which says how much merging changes the outputs, "
-                     "not how accurate the model stays on real images")
+    compare_schedules, target = _compare(space, compare), _target(s, space)  # bad recipe names fail here, early
+    notes = [] if model is None else [source]
+    if progress is not None:
+        progress("setup", 0.0, "loading calibration images and scoring the plain model")
+    calib = _calibration(data, s, cfg, base, notes)
     objective = s.objective or ("top1" if calib.labels is not None else "agreement")
     if objective == "top1" and calib.labels is None:
         raise RmeetoError("--objective top1 needs labelled images: pass --data with the model's classes, or use agreement")
-
     net = set_backend(net, s.ops).to(s.device)
-    say("setup", "scoring the plain model")
     scorer = QualityScorer(net, space, calib, device=s.device, batch_size=s.eval_batch_size, ops=s.ops, merge_impl=s.merge_impl)
     timing = MeasuredTiming(net, space, batch_size=s.batch_size, device=s.device, dtype=DTYPES[s.dtype],
                             backend="graph" if s.device == "cuda" else "eager", warmup=s.warmup, repeats=s.repeats,
                             part_repeats=s.part_repeats, ops=s.ops, merge_impl=s.merge_impl, seed=s.seed)
     _preflight(scorer, timing, space, s)
-
-    if s.target_speedup is not None:
-        target_text, knob = f"x{s.target_speedup:g}", "lower --target-speedup"
-    else:
-        target_text, knob = f"{s.target_latency_ms:g} ms per batch", "raise --target-latency-ms"
-    search_cfg = SearchConfig(required_speedup=s.target_speedup, latency_ms=s.target_latency_ms, objective=objective,
-                              seed=s.seed, budget_s=s.time_budget_s, max_evals=s.max_evals, margin=s.margin, confirm=s.confirm)
+    search_cfg = SearchConfig(required_speedup=s.target_speedup, latency_ms=s.target_latency_ms,
+                              target_schedule=target.schedule, objective=objective, seed=s.seed, budget_s=s.time_budget_s,
+                              max_evals=s.max_evals, margin=s.margin, confirm=s.confirm)
     res = Search(space, timing, scorer, search_cfg, compare=compare_schedules, clock=clock, progress=progress).run()
-
-    hw = hardware_info(s.device)
-    report = {
-        "rmeeto_search": REPORT_VERSION,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "hardware": hw,
-        "settings": asdict(s) | {"op_backend": ops.resolve_backend(s.ops, torch.empty(0, device=s.device)),
-                                 "merge_impl_used": inference_merge_impl(s.merge_impl, s.device),
-                                 "data": None if data is None else str(data), "base_recipe": base.name},
-        "timing_backend": timing.backend,
-        "model": {"name": model_name, "source": source, "tokens": cfg.num_tokens, "depth": cfg.depth,
-                  "cls_index": cfg.cls_index, "embed_dim": cfg.embed_dim, "img_size": cfg.img_size},
-        "calibration": calib.source, "objective": objective, "target_text": target_text,
-        "target": {"speedup": s.target_speedup, "latency_ms": s.target_latency_ms, "required_speedup": res.required_speedup,
-                   "goal_speedup": res.goal_speedup, "margin": s.margin},
-        "status": res.status, "message": _message(res, target_text, knob, s.batch_size, hw["device_name"],
-                                                   space.describe(res.best.schedule) if res.best else ""),
-        "stopped": res.stopped, "evals": res.evals, "elapsed_s": res.elapsed_s, "plain_ms": res.plain_ms,
-        "plain_ms_confirm": res.plain_ms_confirm, "alpha": res.alpha,
-        "best": None, "recipe": None,
-        "candidates": [_cand(c, space, set(res.pareto)) for c in res.candidates],
-        "comparisons": res.comparisons, "whole_timings": res.whole_timings,
-        "timing_table": timing.table(), "timing_rows": timing.rows, "measure_s": timing.measure_s,
-        "notes": notes,
-    }
+    if target.schedule is not None:
+        target.text += f" (x{res.required_speedup:.3f} measured here)"
+    report = _report(res, s, space, timing, target, objective, calib.source, notes,
+                     {"name": model_name, "source": source, "tokens": cfg.num_tokens, "depth": cfg.depth,
+                      "cls_index": cfg.cls_index, "embed_dim": cfg.embed_dim, "img_size": cfg.img_size},
+                     {"data": None if data is None else str(data), "base_recipe": base.name})
     if res.best is not None:
-        report["best"] = report["candidates"][res.best.index]
-        recipe = Recipe(name=_recipe_name(out), description=_description(res, target_text, s, hw["device_name"], calib.source, objective),
-                        merge=space.config(res.best.schedule), retrain=base.retrain)
+        desc = _description(res, target.text, s, report["hardware"]["device_name"], calib.source, objective)
+        recipe = Recipe(name=_recipe_name(out), description=desc, merge=space.config(res.best.schedule), retrain=base.retrain)
         atomic_write_text(out, recipe_to_toml(recipe))
         report["recipe"] = str(out)
     from .report import write_report
@@ -258,15 +250,46 @@ def run_search(ckpt: str | os.PathLike | None = None, *, out: str | os.PathLike 
     return report
 
 
+def _report(res: SearchResult, s: SearchSettings, space: Space, timing: MeasuredTiming, target: _Target, objective: str,
+            calib_source: str, notes: list[str], model: dict, extra_settings: dict) -> dict:
+    """The report dict (``report.json``; :mod:`compressor.search.report` renders it)."""
+    hw = hardware_info(s.device)
+    cands = [_cand(c, space, set(res.pareto)) for c in res.candidates]
+    return {
+        "rmeeto_search": REPORT_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "hardware": hw,
+        "settings": asdict(s) | {"op_backend": ops.resolve_backend(s.ops, torch.empty(0, device=s.device)),
+                                 "merge_impl_used": inference_merge_impl(s.merge_impl, s.device)} | extra_settings,
+        "timing_backend": timing.backend, "model": model, "calibration": calib_source, "objective": objective,
+        "target_text": target.text,
+        "target": {"speedup": s.target_speedup, "latency_ms": s.target_latency_ms, "recipe": s.target_recipe,
+                   "required_speedup": res.required_speedup, "goal_speedup": res.goal_speedup, "margin": s.margin},
+        "status": res.status,
+        "message": _message(res, target.text, target.knob, s.batch_size, hw["device_name"],
+                            space.describe(res.best.schedule) if res.best else ""),
+        "stopped": res.stopped, "evals": res.evals, "elapsed_s": res.elapsed_s, "plain_ms": res.plain_ms,
+        "plain_ms_confirm": res.plain_ms_confirm, "alpha": res.alpha,
+        "best": None if res.best is None else cands[res.best.index], "recipe": None,
+        "candidates": cands, "comparisons": res.comparisons, "whole_timings": res.whole_timings,
+        "timing_table": timing.table(), "timing_rows": timing.rows, "measure_s": timing.measure_s,
+        "notes": notes,
+    }
+
+
 def _preflight(scorer: QualityScorer, timing: MeasuredTiming, space: Space, s: SearchSettings) -> None:
-    """Stop early, with the knob to turn, when the budget cannot hold a useful search here."""
-    if scorer.reference_s * 10 > s.time_budget_s:
+    """Stop early, with the knob to turn, when the budget cannot hold a useful search here. The
+    first scoring and block timing carry one-off costs (kernel compilation, CUDA graph pools),
+    so the second of each is what counts."""
+    score_s = scorer(space.plain())["seconds"]
+    if score_s * 10 > s.time_budget_s:
         raise RmeetoError(
-            f"scoring one schedule takes {scorer.reference_s:.1f} s here ({len(scorer.images)} images on {s.device}): fewer "
+            f"scoring one schedule takes {score_s:.1f} s here ({len(scorer.images)} images on {s.device}): fewer "
             f"than 10 fit in --time-budget {s.time_budget_s:.0f}s; lower --num-images or raise --time-budget"
         )
-    t0 = time.perf_counter()
     timing.block_ms(space.num_tokens)
+    t0 = time.perf_counter()
+    timing.block_ms(space.num_tokens - 1)
     per_length = time.perf_counter() - t0
     if per_length * space.num_tokens > 0.5 * s.time_budget_s:
         raise RmeetoError(

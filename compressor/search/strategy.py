@@ -62,12 +62,14 @@ class Candidate:
 
 @dataclass(frozen=True)
 class SearchConfig:
-    """The target: ``required_speedup`` over the plain model, or ``latency_ms`` per batch (turned
-    into ``plain_ms / latency_ms`` once the plain model is timed); the search aims at the
-    required speed-up times ``1 + margin``."""
+    """The target, one of: ``required_speedup`` over the plain model; ``latency_ms`` per batch
+    (turned into ``plain_ms / latency_ms`` once the plain model is timed); ``target_schedule``,
+    whose speed-up is measured whole at the start (e.g. a recipe's: "as fast as r031"). The
+    search aims at the required speed-up times ``1 + margin``."""
 
     required_speedup: float | None = None
     latency_ms: float | None = None
+    target_schedule: Schedule | None = None
     objective: str = "agreement"
     seed: int = 0
     budget_s: float = 600.0
@@ -128,8 +130,8 @@ class Search:
         self.space, self.timing, self.scorer, self.cfg = space, timing, scorer, cfg
         self.compare = dict(compare or {})
         self.clock, self.progress_fn = clock, progress
-        if (cfg.required_speedup is None) == (cfg.latency_ms is None):
-            raise ValueError("give exactly one of required_speedup and latency_ms")
+        if sum(t is not None for t in (cfg.required_speedup, cfg.latency_ms, cfg.target_schedule)) != 1:
+            raise ValueError("give exactly one of required_speedup, latency_ms and target_schedule")
         self.rng = random.Random(cfg.seed)
         self.cands: dict[Schedule, Candidate] = {}
         self.whole: list[dict] = []
@@ -367,7 +369,10 @@ class Search:
         t = self.clock()
         self.plain_start = self.timing.measure_plain()
         self.plain_confirm = self.plain_start
-        self.required = self.cfg.required_speedup or self.plain_start / self.cfg.latency_ms
+        if self.cfg.target_schedule is not None:
+            self.required = self.plain_start / self._time_whole(self.cfg.target_schedule, "target")
+        else:
+            self.required = self.cfg.required_speedup or self.plain_start / self.cfg.latency_ms
         self.goal = self.required * (1 + self.cfg.margin)
         # keep back what the confirmation needs: whole timings of the finalists and the recipes
         self.reserve_s = (self.clock() - t) * (2 + self.cfg.confirm + 2 * len(self.compare))
