@@ -69,6 +69,10 @@ def test_quality_scorer_plain_is_exact_and_labels_give_top1(work):
     assert scorer.plain_top1 == pytest.approx((ref == calib.labels).float().mean().item())
     merged = scorer(space.fastest())
     assert 0.0 <= merged["agreement"] <= 1.0 and merged["kl"] > 0
+    rest = load_calibration(work / "data", 12, 32, 1.0, num_classes=10, seed=0, held_out=True)
+    assert len(rest.images) == 20 - 12 and "outside" in rest.source
+    every = torch.cat([calib.images, rest.images])
+    assert len({tuple(x.flatten()[:8].tolist()) for x in every}) == 20  # disjoint: together, every image once
     unlabelled = load_calibration(work / "data", 4, 32, 1.0, num_classes=7)
     assert unlabelled.labels is None and "no labels" in unlabelled.source
     gen = generated_calibration(6, 3, 32, seed=1)

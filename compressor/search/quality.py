@@ -51,10 +51,11 @@ def generated_calibration(num_images: int, in_chans: int, img_size: int, seed: i
 
 
 def load_calibration(data: str | os.PathLike, num_images: int, img_size: int, crop_pct: float, num_classes: int,
-                     seed: int = 0) -> Calibration:
-    """A seeded random subset of ``num_images`` images of the folder's evaluation split. Labels
-    are kept when the folder's class count equals the head's (the folder is then taken to hold
-    the model's classes)."""
+                     seed: int = 0, held_out: bool = False) -> Calibration:
+    """A seeded random subset of ``num_images`` images of the folder's evaluation split (with
+    ``held_out``: every image *outside* that subset, for checking a search on images it did not
+    score). Labels are kept when the folder's class count equals the head's (the folder is then
+    taken to hold the model's classes)."""
     from ..engine.data import build_eval_loader, check_eval_dir
 
     spec = check_eval_dir(data)
@@ -62,11 +63,16 @@ def load_calibration(data: str | os.PathLike, num_images: int, img_size: int, cr
     if len(dataset) == 0:
         raise RmeetoError(f"{spec.val} holds no images: pass a folder with images or leave --data out")
     g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(dataset), generator=g)[: min(num_images, len(dataset))].sort().values.tolist()
+    perm = torch.randperm(len(dataset), generator=g)
+    chosen = perm[num_images:] if held_out else perm[:num_images]
+    idx = chosen.sort().values.tolist()
+    if not idx:
+        raise RmeetoError(f"{spec.val} has only {len(dataset)} images: none are left outside the {num_images} scored")
     images, labels = zip(*(dataset[i] for i in idx))
     has_labels = len(spec.classes) == num_classes
-    source = f"{len(idx)} images of {spec.val} (seed {seed})" + ("" if has_labels else
-                                                                  f", {len(spec.classes)} classes: no labels for a {num_classes}-class head")
+    what = f"the {len(idx)} images of {spec.val} outside the seed-{seed} subset of {num_images}" if held_out else \
+        f"{len(idx)} images of {spec.val} (seed {seed})"
+    source = what + ("" if has_labels else f", {len(spec.classes)} classes: no labels for a {num_classes}-class head")
     return Calibration(torch.stack(images), torch.tensor(labels) if has_labels else None, source)
 
 
