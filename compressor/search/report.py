@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import PercentFormatter
 
 from .._io import atomic_write, atomic_write_text
 
@@ -64,6 +65,8 @@ def plot_pareto(report: dict, path: Path) -> Path:
     ax.scatter([], [], marker="^", color="tab:orange", label="compared recipes (measured)")
     if obj == "kl":
         ax.set_yscale("symlog", linthresh=1e-3)
+    else:
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     ax.set_xlabel(f"speed-up over the plain model (batch {report['settings']['batch_size']})")
     ax.set_ylabel(METRIC_LABELS[obj])
     hw = report["hardware"]
