@@ -194,8 +194,10 @@ class Search:
         return ms
 
     def _fit_alpha(self) -> None:
-        """Least squares through the origin: measured - plain = alpha * predicted savings."""
-        pts = [(w["measured_ms"] - w["plain_ms"], w["savings_ms"]) for w in self.whole if w["savings_ms"] < 0]
+        """Least squares through the origin: measured - plain = alpha * predicted savings, on the
+        whole timings that save at least 2% (smaller savings are mostly timing noise)."""
+        pts = [(w["measured_ms"] - w["plain_ms"], w["savings_ms"]) for w in self.whole
+               if w["savings_ms"] < -0.02 * w["plain_ms"]]
         den = sum(p * p for _, p in pts)
         if den > 0:
             self.timing.alpha = min(2.0, max(0.5, sum(m * p for m, p in pts) / den))
