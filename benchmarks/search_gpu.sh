@@ -16,8 +16,8 @@
 set -uo pipefail
 RES=${RES:-runs/search_gpu}; RUN=${RUN:-/tmp/search_gpu}; DATA=${DATA:-/tmp/cifar10}
 STEPS=${STEPS:-"vims cifar"}; DEVICE=${DEVICE:-cuda}; EPOCHS=${EPOCHS:-6}
-MODEL_A=${MODEL_A:-vim_small}; TARGET_A=${TARGET_A:-1.35}; BATCH_A=${BATCH_A:-128}; BUDGET_A=${BUDGET_A:-120s}
-BATCH_B=${BATCH_B:-256}; BUDGET_B=${BUDGET_B:-90s}; NUM_IMAGES_B=${NUM_IMAGES_B:-1024}
+MODEL_A=${MODEL_A:-vim_small}; TARGET_A=${TARGET_A:-1.35}; BATCH_A=${BATCH_A:-128}; BUDGET_A=${BUDGET_A:-100s}
+BATCH_B=${BATCH_B:-256}; BUDGET_B=${BUDGET_B:-80s}; NUM_IMAGES_B=${NUM_IMAGES_B:-1024}
 export COLUMNS=${COLUMNS:-200}  # rich tables in the logs: full width
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 rm=(python3 -m compressor)
