@@ -11,7 +11,8 @@ from compressor.cli import app
 from compressor.convert import convert, save_compressed
 from compressor.errors import RecipeError
 from compressor.merge.schedule import MergeConfig, cls_per_layer, merge_schedule, tokens_per_layer
-from compressor.models import create_model, load_model
+from compressor import load_model
+from compressor.models import create_model
 from compressor.models.registry import get_config
 from compressor.profile import count_flops, paper_tokens_per_layer
 from compressor.recipes import (

@@ -15,7 +15,8 @@ import compressor.search.run as search_run
 from compressor.cli import app
 from compressor.cli.search import parse_duration
 from compressor.errors import RmeetoError
-from compressor.models import create_model, load_model
+from compressor import load_model
+from compressor.models import create_model
 from compressor.recipes import load_recipe
 from compressor.search import MeasuredTiming, QualityScorer, Space, TableTiming, generated_calibration, load_calibration
 from helpers import make_image_folder
@@ -177,3 +178,15 @@ def test_run_search_with_a_table_finds_a_real_schedule_for_compress(work, monkey
     assert res.exit_code == 0, res.output
     gm = load_model(work / "out" / "t" / "compressed.pt")
     assert gm.recipe.merge == recipe.merge and [(s.layer, s.r) for s in gm.steps] == list(recipe.merge.schedule)
+
+
+def test_a_compressed_file_is_searched_on_its_weights_unmerged(work):
+    from compressor.convert import convert, save_compressed
+
+    official = load_model(work / "vim_t.pth")
+    save_compressed(convert(official, "r031"), work / "c031.pt")
+    net, name, source = search_run._plain_model(work / "c031.pt", None, None)
+    assert name == "c031" and "unmerged" in source and type(net).__name__ == "VisionMamba"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), official(x), rtol=0, atol=0)

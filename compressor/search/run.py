@@ -11,14 +11,15 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.fx as fx
 
 from .. import ops
 from .._io import atomic_write_text
 from ..errors import RmeetoError
 from ..merge import MERGE_IMPLS, inference_merge_impl
 from ..merge.schedule import MergeConfig
-from ..models import VisionMamba, create_model, load_model, set_backend
+from ..convert import ConvertedModel, unmerged
+from ..loading import load_model
+from ..models import VisionMamba, create_model, set_backend
 from ..profile.run import DTYPES, hardware_info
 from ..recipes import Recipe, list_recipe_names, load_recipe, recipe_to_toml
 from .quality import OBJECTIVES, QualityScorer, generated_calibration, load_calibration
@@ -107,11 +108,14 @@ def _plain_model(ckpt, model: str | None, family: str | None) -> tuple[VisionMam
     if model is not None:
         return create_model(model).eval(), model, f"random weights ({model}): speed only, quality is meaningless"
     loaded = load_model(ckpt, family=family or "vim")
-    if isinstance(loaded, fx.GraphModule):
-        net = VisionMamba(loaded.cfg)
-        net.load_state_dict(loaded.state_dict(), strict=True)  # merges carry no weights
-        return net.eval(), Path(ckpt).stem, f"{ckpt} (compressed with {loaded.recipe.name}; searched on its weights unmerged)"
-    return loaded.eval(), Path(ckpt).stem, str(ckpt)
+    source = str(ckpt)
+    if isinstance(loaded, ConvertedModel):
+        source = f"{ckpt} (compressed with {loaded.recipe.name}; searched on its weights unmerged)"
+        loaded = unmerged(loaded) if loaded.cfg is not None else loaded
+    if not isinstance(loaded, VisionMamba):
+        raise RmeetoError(f"{ckpt}: rmeeto search times and scores rmeeto's own Vision Mamba (official Vim/VideoMamba "
+                          "checkpoints and files rmeeto compressed from them); a model built by a factory is not supported yet")
+    return loaded.eval(), Path(ckpt).stem, source
 
 
 def _compare(space: Space, names) -> dict[str, tuple[int, ...]]:
