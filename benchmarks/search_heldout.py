@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compressor.models import load_model  # noqa: E402
+from compressor import load_model  # noqa: E402
 from compressor.recipes import load_recipe  # noqa: E402
 from compressor.search import QualityScorer, Space, load_calibration  # noqa: E402
 
