@@ -322,10 +322,11 @@ def _check_runs(gm: ConvertedModel, example: torch.Tensor) -> None:
 
 def _check_layers(recipe, depth: int) -> None:
     """Explicit merge layers must exist (``merge_layers`` would silently skip the others)."""
-    bad = [i for i in recipe.merge.layers if i >= depth]
+    bad = [i for i in recipe.merge.explicit_layers() if i >= depth]
     if bad:
+        key = "schedule" if recipe.merge.per_layer else "layers"
         raise RecipeError(
-            f"recipe {recipe.name}: [merge] layers lists layer {bad[0]} but the model has {depth} layers "
+            f"recipe {recipe.name}: [merge] {key} lists layer {bad[0]} but the model has {depth} layers "
             f"(0-{depth - 1}): remove it or use a deeper model"
         )
 

@@ -55,13 +55,14 @@ def _merge_flops(cfg: VimConfig, tokens_in: float, r: int) -> float:
 
 
 def paper_tokens_per_layer(cfg: VimConfig, merge: MergeConfig | None) -> list[int]:
-    """Tokens per layer as the paper counts them: minus ``num_prune`` at every merge layer, no
-    cap, ``final_tokens`` ignored (may go negative for large ``num_prune``)."""
+    """Tokens per layer as the paper counts them: minus ``num_prune`` (a per-layer schedule: that
+    layer's count) at every merge layer, no cap, ``final_tokens`` ignored (may go negative for
+    large ``num_prune``)."""
     layers = set(merge.merge_layers(cfg.depth)) if merge is not None else set()
     out, n = [], cfg.num_tokens
     for i in range(cfg.depth):
         if i in layers:
-            n -= merge.num_prune
+            n -= merge.prune_at(i)
         out.append(n)
     return out
 
@@ -94,7 +95,7 @@ def count_flops(
     """GFLOPs of ``cfg`` under the merge ``steps`` (from ``merge_schedule``), both conventions.
 
     ``merge`` (the recipe's ``[merge]`` table) defines the paper convention's merge layers and
-    ``num_prune``; without it they are taken from ``steps`` (their layers, the first step's r).
+    counts; without it they are taken from ``steps`` (their layers and r).
     ``convention`` picks which count ``"gflops"`` reports. Returns::
 
         {"gflops": ..., "convention": "both" | "paper",
@@ -109,10 +110,10 @@ def count_flops(
     both = _total(cfg, tokens, [(s.tokens_in, s.r) for s in steps], directions=2)
 
     if merge is None:
-        merge = MergeConfig(num_prune=steps[0].r, layers=tuple(s.layer for s in steps)) if steps else None
+        merge = MergeConfig(schedule=tuple((s.layer, s.r) for s in steps)) if steps else None
     tokens_paper = paper_tokens_per_layer(cfg, merge)
     paper_layers = merge.merge_layers(cfg.depth) if merge is not None else []
-    paper_merges = [(tokens_paper[i - 1], merge.num_prune) for i in paper_layers]
+    paper_merges = [(tokens_paper[i - 1], merge.prune_at(i)) for i in paper_layers]
     paper = _total(cfg, tokens_paper, paper_merges, directions=1)
 
     g_both, g_paper = sum(both.values()), sum(paper.values())

@@ -6,7 +6,8 @@ A recipe file has three parts::
     description = "..."
     version = 1                   # recipe format version (this rmeeto reads 1)
     [merge]                       # MergeConfig fields (compressor.merge.schedule)
-    num_prune = 11
+    num_prune = 11                # uniform: 11 tokens before every 2nd layer (interval = 2)
+    # schedule = {2 = 11, 4 = 11, 6 = 20}   # or per layer: layer = tokens removed before it
     [retrain]                     # RetrainConfig fields; only what differs from the defaults
     epochs = 15
 
@@ -42,7 +43,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import RecipeError
-from .merge.schedule import DISTANCES, METRICS, MODES, MergeConfig
+from .merge.schedule import DISTANCES, METRICS, MODES, UNIFORM_KEYS, MergeConfig
 
 __all__ = [
     "RECIPE_FORMAT_VERSION",
@@ -55,6 +56,7 @@ __all__ = [
     "recipe_to_dict",
     "recipe_from_dict",
     "with_overrides",
+    "recipe_to_toml",
 ]
 
 RECIPE_FORMAT_VERSION = 1
@@ -116,7 +118,7 @@ class Recipe:
 
 @dataclass(frozen=True)
 class _Rule:
-    kind: str  # "int" | "float" | "bool" | "str" | "ints"
+    kind: str  # "int" | "float" | "bool" | "str" | "ints" | "schedule"
     ok: Callable[[Any], bool]
     must: str
 
@@ -149,6 +151,10 @@ _MERGE_RULES: dict[str, _Rule] = {
     "ordered": _BOOL,
     "distance": _choice(DISTANCES),
     "metric": _choice(METRICS),
+    "schedule": _Rule(
+        "schedule", lambda v: all(layer >= 1 and r >= 0 for layer, r in v),
+        "a table of layer = tokens removed before it, e.g. {2 = 11, 6 = 20} (layers >= 1, counts >= 0)",
+    ),
 }
 
 _RETRAIN_RULES: dict[str, _Rule] = {
@@ -204,7 +210,7 @@ def _fmt(v: Any) -> str:
     elif isinstance(v, (list, tuple)):
         s = "[" + ", ".join(_fmt(x) for x in v) + "]"
     elif isinstance(v, dict):
-        s = "a table"
+        s = "{" + ", ".join(f"{k} = {_fmt(x)}" for k, x in v.items()) + "}"
     else:
         s = repr(v)
     s = " ".join(s.split())
@@ -229,7 +235,24 @@ def _convert(rule: _Rule, v: Any) -> tuple[bool, Any]:
     if rule.kind == "ints":
         good = isinstance(v, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
         return good, tuple(v) if good else v
+    if rule.kind == "schedule":
+        return _schedule(v)
     raise AssertionError(rule.kind)
+
+
+def _schedule(v: Any) -> tuple[bool, Any]:
+    """``{"2": 11, ...}`` (TOML keys are strings) or ``{2: 11}`` → ``((2, 11), ...)`` sorted."""
+    if not isinstance(v, dict):
+        return False, v
+    pairs = []
+    for k, r in v.items():
+        key_ok = (isinstance(k, str) and k.isdigit()) or (isinstance(k, int) and not isinstance(k, bool))
+        if not key_ok or not isinstance(r, int) or isinstance(r, bool):
+            return False, v
+        pairs.append((int(k), r))
+    if len({layer for layer, _ in pairs}) != len(pairs):  # "2" and "02" are both layer 2
+        return False, v
+    return True, tuple(sorted(pairs))
 
 
 def _check(source: str, section: str | None, key: str, v: Any, rules: dict[str, _Rule]) -> Any:
@@ -264,6 +287,12 @@ def _build(d: dict[str, Any], source: str, default_name: str | None = None) -> R
             raise RecipeError(f"{source}: name is missing")
         top["name"] = _check(source, None, "name", default_name, _TOP_RULES)
     merge_kw = _section(source, "merge", d.get("merge", {}), _MERGE_RULES)
+    both = [k for k in UNIFORM_KEYS if k in merge_kw] if merge_kw.get("schedule") else []
+    if both:
+        raise RecipeError(
+            f"{source}: [merge] schedule gives every merge layer and its token count: remove {', '.join(both)} "
+            "(or remove schedule to keep the uniform form)"
+        )
     retrain_kw = _section(source, "retrain", d.get("retrain", {}), _RETRAIN_RULES)
     try:
         merge = MergeConfig(**merge_kw)
@@ -325,10 +354,23 @@ def list_recipes() -> list[Recipe]:
 # checkpoints and overrides
 
 
+def _merge_dict(m: MergeConfig) -> dict[str, Any]:
+    """The ``[merge]`` table as plain data. Uniform recipes leave ``schedule`` out (their stored
+    form is what earlier versions wrote); per-layer ones leave the uniform keys out."""
+    merge = asdict(m)
+    merge["layers"] = list(m.layers)
+    if m.per_layer:
+        merge["schedule"] = {str(layer): r for layer, r in m.schedule}
+        for k in UNIFORM_KEYS:
+            merge.pop(k)
+    else:
+        merge.pop("schedule")
+    return merge
+
+
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
     """Plain-data form of a resolved recipe (for checkpoints); :func:`recipe_from_dict` inverts it."""
-    merge = asdict(recipe.merge)
-    merge["layers"] = list(recipe.merge.layers)
+    merge = _merge_dict(recipe.merge)
     return {
         "name": recipe.name,
         "description": recipe.description,
@@ -370,3 +412,30 @@ def with_overrides(recipe: Recipe, **overrides: Any) -> Recipe:
     except ValueError as e:
         raise RecipeError(f"overrides: [merge] {e}") from None
     return replace(recipe, merge=merge, retrain=replace(recipe.retrain, **retrain_kw), **top)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)  # ASCII with \uXXXX escapes: a valid TOML basic string
+    if isinstance(v, float):
+        return repr(v)  # finite floats only (the rules refuse inf / nan): "0.05", "2e-05"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return str(v)
+
+
+def recipe_to_toml(recipe: Recipe) -> str:
+    """``recipe`` as a recipe file that :func:`load_recipe` reads back equal: the whole
+    ``[merge]`` table and the ``[retrain]`` values that differ from the defaults."""
+    d = recipe_to_dict(recipe)
+    lines = [f"{k} = {_toml_value(d[k])}" for k in ("name", "description", "version")]
+    lines += ["", "[merge]"] + [f"{k} = {_toml_value(v)}" for k, v in d["merge"].items()]
+    defaults = asdict(RetrainConfig())
+    retrain = {k: v for k, v in d["retrain"].items() if v != defaults[k]}
+    if retrain:
+        lines += ["", "[retrain]"] + [f"{k} = {_toml_value(v)}" for k, v in retrain.items()]
+    return "\n".join(lines) + "\n"

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CLI_MD = ROOT / "docs" / "cli.md"
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 COMMANDS = [("info",), ("models",), ("recipes",), ("recipes", "show"), ("compress",), ("eval",), ("export",),
-            ("profile",), ("visualize",), ("demo",)]
+            ("profile",), ("visualize",), ("search",), ("demo",)]
 OPTION = re.compile(r"--[a-z0-9][a-z0-9-]*")
 runner = CliRunner()
 
@@ -138,6 +138,8 @@ def test_documented_commands_run(workdir):
     for report in ("report", "free"):
         assert (workdir / "out" / report / "report.json").is_file() and (workdir / "out" / report / "throughput.png").is_file()
     assert (workdir / "out" / "merges.png").read_bytes()[:4] == b"\x89PNG"
+    assert (workdir / "out" / "found_report" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert (workdir / "out" / "found" / "compressed.pt").is_file()
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)

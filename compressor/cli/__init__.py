@@ -23,6 +23,7 @@ from . import export  # noqa: F401
 from . import eval as _eval  # noqa: F401
 from . import demo as _demo  # noqa: F401
 from . import models as _models  # noqa: F401
+from . import search as _search  # noqa: F401
 
 __all__ = ["app", "main"]
 

@@ -41,15 +41,19 @@ def recipes(ctx: typer.Context):
     for r in list_recipes():
         m = r.merge
         final = str(m.final_tokens or "-")
-        table.add_row(r.name, m.mode, str(m.num_prune), final, str(r.retrain.epochs), r.description)
+        num = "per layer" if m.per_layer else str(m.num_prune)
+        table.add_row(r.name, m.mode, num, final, str(r.retrain.epochs), r.description)
     console.print(table)
 
 
 def _merge_summary(r: Recipe) -> str:
     m = r.merge
+    order = "ordered" if m.ordered else "unordered"
+    if m.per_layer:
+        counts = ", ".join(f"{layer}: {n}" for layer, n in m.schedule)
+        return f"{m.mode} per layer (layer: tokens {{{counts}}}), {order}, {m.distance}"
     where = f"layers {list(m.layers)}" if m.layers else f"every {m.interval} layers" + (" (odd)" if m.odd else "")
     final = f", last merge down to {m.final_tokens} tokens" if m.final_tokens else ""
-    order = "ordered" if m.ordered else "unordered"
     return f"{m.mode} {m.num_prune} tokens {where}{final}, {order}, {m.distance}"
 
 
@@ -96,7 +100,7 @@ def show(
         b, o = base[key], ours[key]
         flops.add_row(label, f"{b:.4f}", f"{o:.4f}", f"{(o - b) / b:+.1%}")
     console.print(flops)
-    note = "paper convention: num_prune removed at every merge layer, uncapped, matching paid even for 0"
+    note = "paper convention: num_prune (or the layer's count) removed at every merge layer, uncapped, matching paid even for 0"
     if min(ours["tokens_paper"]) <= 0:
         note += "; here it removes more tokens than exist, so its numbers are nominal"
     console.print(f"[dim]{note}[/dim]", highlight=False)

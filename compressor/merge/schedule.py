@@ -4,22 +4,43 @@ Semantics (official R-MeeTo, see docs/design.md): a merge runs at the start of l
 ``i > 0 and i % interval == 0`` (``odd``: ``(i + 1) % interval == 0``) or when ``i`` is listed in
 ``layers``; it removes ``r = min(num_prune, (L - 1) // 2)`` tokens (``L`` counts the class token);
 with ``final_tokens > 0`` the last merge layer instead merges down to ``final_tokens`` tokens
-(capped the same way). The class token moves from ``tp`` to ``(tp * (L - r)) // L`` (ordered) or
+(capped the same way). A per-layer ``schedule`` (``{layer: tokens}``) replaces all of that: a
+merge runs before each listed layer and removes ``r = min(tokens, (L - 1) // 2)``. The class token moves from ``tp`` to ``(tp * (L - r)) // L`` (ordered) or
 ``(tp * (n_src - r)) // n_src`` with ``n_src = ceil((L - 1) / 2)`` (unordered).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterable, Mapping
 
 MODES = ("merge", "prune")
 DISTANCES = ("cosine", "l1", "l2")
 METRICS = ("x",)
+#: the uniform schedule's keys, which a per-layer ``schedule`` replaces
+UNIFORM_KEYS = ("num_prune", "interval", "odd", "layers", "final_tokens")
+
+
+def _pairs(schedule: Mapping | Iterable) -> tuple[tuple[int, int], ...]:
+    """``{layer: r}`` or ``[(layer, r), ...]`` → sorted ``((layer, r), ...)``; keys may be digit
+    strings (TOML table keys are strings)."""
+    items = schedule.items() if isinstance(schedule, Mapping) else schedule
+    out = {}
+    for layer, r in items:
+        layer = int(layer)
+        if layer in out:
+            raise ValueError(f"schedule lists layer {layer} twice")
+        out[layer] = int(r)
+    return tuple(sorted(out.items()))
 
 
 @dataclass(frozen=True)
 class MergeConfig:
-    """The ``[merge]`` table of a recipe."""
+    """The ``[merge]`` table of a recipe.
+
+    ``schedule``: per-layer merges as ``((layer, tokens_removed), ...)`` sorted by layer (a dict
+    ``{layer: r}`` is accepted and normalised). When given, ``num_prune``, ``layers`` and
+    ``final_tokens`` must stay at their defaults and ``interval`` / ``odd`` are not used."""
 
     mode: str = "merge"
     num_prune: int = 0
@@ -30,6 +51,7 @@ class MergeConfig:
     ordered: bool = True
     distance: str = "cosine"
     metric: str = "x"
+    schedule: tuple[tuple[int, int], ...] = field(default_factory=tuple)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -45,9 +67,33 @@ class MergeConfig:
         object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
         if any(i < 1 for i in self.layers):
             raise ValueError(f"layers must be >= 1 (no merge before the first block), got {list(self.layers)}")
+        object.__setattr__(self, "schedule", _pairs(self.schedule))
+        object.__setattr__(self, "_counts", dict(self.schedule))  # prune_at's lookup (not a field)
+        if any(layer < 1 or r < 0 for layer, r in self.schedule):
+            raise ValueError(f"schedule needs layers >= 1 and token counts >= 0, got {dict(self.schedule)}")
+        if self.schedule and (self.num_prune or self.layers or self.final_tokens):
+            raise ValueError("schedule gives every merge layer and its token count: leave num_prune, layers and "
+                             "final_tokens out")
+
+    @property
+    def per_layer(self) -> bool:
+        """True for a per-layer ``schedule``, False for the uniform ``num_prune`` / ``interval`` form."""
+        return bool(self.schedule)
+
+    def explicit_layers(self) -> tuple[int, ...]:
+        """The layers a recipe names (``schedule`` or ``layers``), which must exist in the model."""
+        return tuple(layer for layer, _ in self.schedule) or self.layers
+
+    def prune_at(self, layer: int) -> int:
+        """Tokens requested at merge layer ``layer`` before the cap: the schedule's count, else ``num_prune``."""
+        if self.schedule:
+            return self._counts.get(layer, 0)
+        return self.num_prune
 
     def merge_layers(self, depth: int) -> list[int]:
         """Layer indices (0-based) before which a merge runs."""
+        if self.schedule:
+            return [layer for layer, _ in self.schedule if layer < depth]
         if self.layers:
             return sorted(i for i in set(self.layers) if i < depth)
         if self.odd:
@@ -81,6 +127,11 @@ def class_token_after(cls_in: int | None, tokens_in: int, r: int, ordered: bool 
     return (cls_in * (n_src - r)) // n_src
 
 
+def merge_cap(tokens_in: int, has_cls: bool) -> int:
+    """The most tokens one merge can remove: half of the tokens other than the class token."""
+    return (tokens_in - has_cls) // 2
+
+
 def merge_schedule(cfg: MergeConfig, num_tokens: int, cls_index: int | None, depth: int) -> list[MergeStep]:
     """The merges a recipe performs on a model with ``num_tokens`` input tokens. Merges that
     would remove nothing are left out (they are no-ops)."""
@@ -88,8 +139,8 @@ def merge_schedule(cfg: MergeConfig, num_tokens: int, cls_index: int | None, dep
     has_cls = cls_index is not None
     steps, L, tp = [], num_tokens, cls_index
     for k, layer in enumerate(layers):
-        cap = (L - has_cls) // 2
-        want = L - cfg.final_tokens if cfg.final_tokens > 0 and k == len(layers) - 1 else cfg.num_prune
+        cap = merge_cap(L, has_cls)
+        want = L - cfg.final_tokens if cfg.final_tokens > 0 and k == len(layers) - 1 else cfg.prune_at(layer)
         r = max(0, min(want, cap))
         if r == 0:
             continue
