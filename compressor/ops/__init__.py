@@ -3,11 +3,17 @@
 Backends:
 - ``ref``: sequential pure-PyTorch scan (fp32 accumulation). Forward and backward on any device.
 - ``chunked``: two-level chunked scan (~2√l loop steps, standard ops): few launches on a GPU
-  without kernels, and the form exported to ONNX.
+  without kernels.
+- ``ssd``: loop-free chunked state-space form (matmuls and element-wise ops, no loop at all):
+  the default form exported to ONNX.
+- ``loop``: the reference recurrence; exported as one ONNX ``Scan`` node over the tokens.
 - ``cuda``: mamba-ssm / causal-conv1d kernels (and the fused add+RMSNorm Triton kernel).
 - ``auto``: ``cuda`` for CUDA tensors when the kernels import, ``chunked`` for other CUDA
-  tensors, ``ref`` on CPU (measured fastest there: it moves the fewest bytes); always
-  ``chunked`` while exporting.
+  tensors, ``ref`` on CPU (measured fastest there: it moves the fewest bytes); while exporting,
+  the scan form named by :data:`EXPORT_SCAN_DEFAULT` (``ssd``).
+
+Export forms (:data:`EXPORT_SCANS`, ``rmeeto export --scan``): ``ssd``, ``loop``, ``chunked``
+(and ``ref``, unrolled per token: a graph of thousands of nodes).
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ import torch.nn.functional as F
 from ..errors import BackendUnavailable
 from . import _kernels
 from ._scan_chunked import selective_scan_chunked
+from ._scan_onnx import CUSTOM_OPS, onnx_translation, translating
 from ._scan_ref import selective_scan_ref
+from ._scan_ssd import selective_scan_ssd
 
 __all__ = [
     "BACKENDS",
@@ -26,13 +34,22 @@ __all__ = [
     "selective_scan",
     "selective_scan_ref",
     "selective_scan_chunked",
+    "selective_scan_ssd",
+    "EXPORT_SCANS",
+    "EXPORT_SCAN_DEFAULT",
+    "onnx_translation",
     "causal_conv1d",
     "causal_conv1d_ref",
     "add_rms_norm",
     "kernels_available",
 ]
 
-BACKENDS = ("auto", "ref", "chunked", "cuda")
+BACKENDS = ("auto", "ref", "chunked", "ssd", "loop", "cuda")
+#: scan forms an ONNX export can be written with; the default was measured fastest in ONNX
+#: Runtime (docs/benchmarks.md) and has no control flow (CUDA-graph capturable)
+EXPORT_SCANS = ("ssd", "loop", "chunked", "ref")
+EXPORT_SCAN_DEFAULT = "ssd"
+_SCANS = {"ref": selective_scan_ref, "chunked": selective_scan_chunked, "ssd": selective_scan_ssd, "loop": selective_scan_ref}
 
 
 def kernels_available() -> dict[str, bool]:
@@ -49,7 +66,7 @@ def resolve_backend(backend: str, x: torch.Tensor, kernel: str = "selective_scan
     if backend not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if _exporting():
-        return "chunked" if backend in ("auto", "cuda") else backend
+        return EXPORT_SCAN_DEFAULT if backend in ("auto", "cuda") else backend
     if backend == "auto":
         if not x.is_cuda:
             return "ref"
@@ -69,8 +86,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if which == "cuda":
         fn = _kernels.load("selective_scan_fn")
         return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    fn = selective_scan_ref if which == "ref" else selective_scan_chunked
-    return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if which in CUSTOM_OPS and translating() and _exporting():  # one op in the graph, see _scan_onnx
+        return CUSTOM_OPS[which](u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return _SCANS[which](u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
 
 def causal_conv1d_ref(x, weight, bias=None, activation=None):
