@@ -8,13 +8,16 @@ are, into standard ``ai.onnx`` ops only (``scatter_add`` → ``ScatterElements(r
 ``argsort`` → ``TopK``), with a graph half the size; it costs a slower export (seconds for the
 test models, a minute or so for a depth-24 model on a small CPU).
 
-The scan is written in one of the pure-PyTorch forms of :mod:`compressor.ops`
-(``scan=``, default :data:`compressor.ops.EXPORT_SCAN_DEFAULT`): ``ssd`` (loop-free chunked
-state-space form, a few dozen standard ops per direction, no control flow: the fastest in ONNX
-Runtime on CPU and GPU, see docs/benchmarks.md), ``loop`` (one ``Scan`` node per direction:
-the smallest graph, exact, slower), ``chunked`` (the older two-level unrolled form). Standard
-``ai.onnx`` ops only, no custom op. The exporter's optimiser is replaced by a lighter one
-(:mod:`._graph`): the rewriter it runs took minutes on a depth-24 model.
+The scan is written in one of the forms of :mod:`compressor.ops` (``scan=``, default
+:data:`compressor.ops.EXPORT_SCAN_DEFAULT`): ``loop`` (one ``Scan`` node per direction: the
+smallest graph and the fastest on ONNX Runtime's CPU provider), ``ssd`` (loop-free chunked
+state-space form, about a hundred standard ops per direction and no control flow: for the CUDA
+provider, whose CUDA graphs cannot hold a ``Scan``), ``chunked`` (the older two-level unrolled
+form); docs/benchmarks.md has the measurements. ``loop`` and ``ssd`` are recorded as one op
+each and written by their own ONNX translations (:mod:`compressor.ops._scan_onnx`), which is
+what makes a depth-24 export take seconds. Standard ``ai.onnx`` ops only, no custom op in the
+file. The exporter's optimiser is replaced by a lighter one (:mod:`._graph`): the rewriter it
+runs took minutes on a depth-24 model.
 
 Token counts are fixed by the image size, so height and width are static in the graph (ONNX
 Runtime rejects other sizes) and are also written to ``metadata_props`` (``rmeeto.img_size``,
@@ -91,7 +94,7 @@ def export_onnx(model: nn.Module, path, *, opset: int | None = None, batch: int 
 
     ``dynamic_batch`` makes dim 0 dynamic (H and W stay fixed); ``fp16`` exports half precision
     (the model itself is left unchanged); ``scan`` picks the scan's form in the graph (one of
-    :data:`compressor.ops.EXPORT_SCANS`, default ``ssd``). The file is written to a temporary name next to
+    :data:`compressor.ops.EXPORT_SCANS`, default ``loop``). The file is written to a temporary name next to
     ``path``, checked with ``onnx.checker`` and, with ``check``, run with ONNX Runtime on seeded
     random images and on ``inputs`` ``(N, C, H, W)``; a relative difference to the fp32 PyTorch
     model above ``rtol`` (default 1e-4, 1e-2 for fp16) raises :class:`RmeetoError` and leaves

@@ -4,16 +4,18 @@ Backends:
 - ``ref``: sequential pure-PyTorch scan (fp32 accumulation). Forward and backward on any device.
 - ``chunked``: two-level chunked scan (~2√l loop steps, standard ops): few launches on a GPU
   without kernels.
-- ``ssd``: loop-free chunked state-space form (matmuls and element-wise ops, no loop at all):
-  the default form exported to ONNX.
-- ``loop``: the reference recurrence; exported as one ONNX ``Scan`` node over the tokens.
+- ``ssd``: loop-free chunked state-space form (matmuls and element-wise ops, no loop at all);
+  exported without control flow (what ONNX Runtime can capture in a CUDA graph).
+- ``loop``: the reference recurrence; exported as one ONNX ``Scan`` node over the tokens (the
+  default export form: fastest on ONNX Runtime's CPU provider, smallest graph).
 - ``cuda``: mamba-ssm / causal-conv1d kernels (and the fused add+RMSNorm Triton kernel).
 - ``auto``: ``cuda`` for CUDA tensors when the kernels import, ``chunked`` for other CUDA
   tensors, ``ref`` on CPU (measured fastest there: it moves the fewest bytes); while exporting,
-  the scan form named by :data:`EXPORT_SCAN_DEFAULT` (``ssd``).
+  the scan form named by :data:`EXPORT_SCAN_DEFAULT` (``loop``).
 
-Export forms (:data:`EXPORT_SCANS`, ``rmeeto export --scan``): ``ssd``, ``loop``, ``chunked``
-(and ``ref``, unrolled per token: a graph of thousands of nodes).
+Export forms (:data:`EXPORT_SCANS`, ``rmeeto export --scan``): ``loop``, ``ssd``, ``chunked``
+(and ``ref``, unrolled per token: a graph of thousands of nodes). Measured in
+docs/benchmarks.md (ONNX Runtime tables).
 """
 
 from __future__ import annotations
@@ -45,10 +47,10 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "ref", "chunked", "ssd", "loop", "cuda")
-#: scan forms an ONNX export can be written with; the default was measured fastest in ONNX
-#: Runtime (docs/benchmarks.md) and has no control flow (CUDA-graph capturable)
-EXPORT_SCANS = ("ssd", "loop", "chunked", "ref")
-EXPORT_SCAN_DEFAULT = "ssd"
+#: scan forms an ONNX export can be written with; the default was measured fastest on ONNX
+#: Runtime's CPU provider; ``ssd`` has no control flow (for CUDA graphs on the CUDA provider)
+EXPORT_SCANS = ("loop", "ssd", "chunked", "ref")
+EXPORT_SCAN_DEFAULT = "loop"
 _SCANS = {"ref": selective_scan_ref, "chunked": selective_scan_chunked, "ssd": selective_scan_ssd, "loop": selective_scan_ref}
 
 

@@ -113,10 +113,10 @@ def ssd_scan_onnx(u: T, delta: T, A: T, B: T, C: T, D: Optional[T] = None, z: Op
     run on ``(nc, ...)`` tensors (contiguous rows), softplus is composed from ``Exp``/``Log``
     (``Softplus`` is five times slower). The batch may be dynamic; ``d``, ``n``, ``l`` are static."""
     out_type = int(u.dtype)
+    d, l, n = int(u.shape[1]), int(u.shape[2]), int(A.shape[1])  # before any Cast (its output has no shape)
     acc, const, (u, delta, A, B, C, D, z) = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     np_acc = np.float64 if acc == _DOUBLE else np.float32
     T_, K = ssd_params(torch.float64 if acc == _DOUBLE else torch.float32)
-    d, l, n = int(u.shape[1]), int(u.shape[2]), int(A.shape[1])
     nc, half = -(-l // T_), T_ // 2
     pad = nc * T_ - l
     x = op.Mul(delta, u)
@@ -146,13 +146,13 @@ def loop_scan_onnx(u: T, delta: T, A: T, B: T, C: T, D: Optional[T] = None, z: O
     body computes ``h ← exp(Δ_t A) ⊙ h + Δ_t u_t B_t`` and ``y_t = h · C_t`` (``A`` is read
     from the outer scope); the state ``(b, d, n)`` is the Scan's carry."""
     out_type = int(u.dtype)
+    batch, d, n = u.shape[0], int(u.shape[1]), int(A.shape[1])  # before any Cast (its output has no shape)
     acc, const, (u, delta, A, B, C, D, z) = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    d, n = int(u.shape[1]), int(A.shape[1])
     tokens_first = lambda t, axis: op.Unsqueeze(op.Transpose(t, perm=[2, 0, 1]), [axis])  # noqa: E731
     xs = (tokens_first(delta, 3), tokens_first(op.Mul(delta, u), 3), tokens_first(B, 2), tokens_first(C, 3))
     h0 = op.ConstantOfShape(op.Concat(op.Shape(u, start=0, end=1), op.Constant(value_ints=[d, n]), axis=0),
                             value=ir.tensor(np.zeros(1, dtype=np.float64 if acc == _DOUBLE else np.float32)))
-    _, ys = _call_op("Scan", h0, *xs, body=_loop_body(A, u.shape[0], d, n, acc), num_scan_inputs=4, _num_outputs=2)
+    _, ys = _call_op("Scan", h0, *xs, body=_loop_body(A, batch, d, n, acc), num_scan_inputs=4, _num_outputs=2)
     return _finish(op.Transpose(op.Squeeze(ys, [3]), perm=[1, 2, 0]), u, D, z, acc, out_type)
 
 
