@@ -15,7 +15,7 @@ import os
 
 from ..errors import RmeetoError
 
-__all__ = ["CPU", "CUDA", "providers", "cuda_available", "make_session", "check_chains", "preload_note"]
+__all__ = ["CPU", "CUDA", "providers", "cuda_available", "install_note", "make_session", "check_chains", "preload_note"]
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -35,6 +35,21 @@ def providers() -> tuple[str, ...]:
         except Exception as e:  # noqa: BLE001 -- a missing library shows again when the session is made
             _PRELOAD["error"] = f"{type(e).__name__}: {e}"
     return found
+
+
+def install_note() -> str:
+    """Why the CUDA provider is missing although ``onnxruntime-gpu`` is installed, or ''. Both
+    packages install the module ``onnxruntime``; the CPU one, installed last, hides the other."""
+    if CUDA in providers():
+        return ""
+    from importlib import metadata
+
+    try:
+        metadata.version("onnxruntime-gpu")
+    except metadata.PackageNotFoundError:
+        return ""
+    return ("onnxruntime-gpu is installed but the CPU-only onnxruntime package shadows it: "
+            "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu")
 
 
 def cuda_available() -> bool:

@@ -113,7 +113,8 @@ def _onnxruntime(model: nn.Module, x: torch.Tensor, cache: dict | None = None) -
     name = f"ONNX Runtime {provider}, {str(dtype).removeprefix('torch.')}"
     if provider == _runtime.CPU:
         feed = {session.get_inputs()[0].name: x.detach().float().cpu().numpy()}
-        note = name if not x.is_cuda else f"{name} (onnxruntime-gpu is not installed: the CPU provider was timed)"
+        why = _runtime.install_note() or "onnxruntime-gpu is not installed"
+        note = name if not x.is_cuda else f"{name} ({why}: the CPU provider was timed)"
         return Runner(lambda: session.run(None, feed), device="cpu", note=note)
     return Runner(_bound_run(session, x.detach().to(dtype).contiguous()), device="cuda", note=name, host_timed=True)
 
@@ -216,7 +217,8 @@ def measure(runner: Runner, batch_size: int, *, warmup: int = 5, repeats: int = 
     repeats = max(1, repeats)
     for _ in range(warmup):
         runner.run()
-    _sync(runner.device)
+    if not runner.host_timed:
+        _sync(runner.device)
     peak = None
     if runner.device == "cuda" and not runner.host_timed:
         torch.cuda.reset_peak_memory_stats()
