@@ -1,7 +1,8 @@
 """ONNX Runtime on the CPU: export time, graph size, parity and latency of Vim-Ti / Vim-S (plain
 and R-MeeTo r031) beside DeiT-Ti from timm, all exported the same way and timed in the same run.
 
-For every Vim variant and scan form (``--scans``, default ``loop ssd``):
+For every Vim variant and scan form (``--scans``, default ``loop ssd``; the second form only for
+``--all-scans-on`` models, default Vim-Ti):
 :func:`compressor.export.export_onnx` with a dynamic batch (parity-checked against PyTorch on
 seeded images: max relative difference and top-1 agreement), timed (wall and process CPU).
 DeiT-Ti (``timm.create_model('deit_tiny_patch16_224')``, random weights) goes through the same
@@ -162,7 +163,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["vim_tiny", "vim_small"])
     p.add_argument("--recipe", default="r031")
-    p.add_argument("--scans", nargs="+", default=["loop", "ssd"])
+    p.add_argument("--scans", nargs="+", default=["loop", "ssd"], help="scan forms; the first one for every model")
+    p.add_argument("--all-scans-on", nargs="*", default=["vim_tiny"], help="models exported in every scan form (others: the first)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (also set OMP_NUM_THREADS)")
     p.add_argument("--warmup", type=int, default=2)
@@ -185,7 +187,7 @@ def main() -> None:
         results["variants"]["deit_tiny"] = {"export": export_deit(paths["deit_tiny"])}
         for name in args.models:
             for recipe in (None, args.recipe):
-                for scan in args.scans:
+                for scan in args.scans if name in args.all_scans_on else args.scans[:1]:
                     key = f"{name} {recipe or 'plain'}|{scan}"
                     print(f"exporting {key} ...", flush=True)
                     paths[key] = tmp / f"{name}_{recipe or 'plain'}_{scan}.onnx"
