@@ -4,9 +4,9 @@ For each model and backend: build (random weights), check the output against the
 run, warm up, then time ``--repeats`` forwards (CUDA events on a GPU, perf_counter on a CPU) and
 report images/s from the median. Prints a table last and writes everything to ``--out``.
 
-    # GPU (kernels on PYTHONPATH, see docs gpu.md): batch 128, fp16, Vim-Ti/S/B, cuda/chunked/ref
+    # GPU (kernels on PYTHONPATH: benchmarks/gpu_env.sh): batch 128, fp16, Vim-Ti/S/B, cuda/chunked/ref
     python benchmarks/bench_backends.py --device cuda --backends cuda,chunked
-    # compare with gpu.md's "24-block stack" numbers
+    # the 24-block stack alone (without patch embedding, norm and head)
     python benchmarks/bench_backends.py --device cuda --blocks-only --backends cuda
     # CPU: vim_tiny, batch 8, fp32, chunked and ref
     python benchmarks/bench_backends.py --device cpu

@@ -7,7 +7,7 @@ merge replaced by keeping the first tokens — see compressor/profile/overhead.p
 speed-up a free merge would give. Before timing, each merged model's graph replay is checked
 against eager on a fresh input. Prints one table and writes every number to a JSON file.
 
-GPU (kernels from shared/, fp16)::
+GPU (kernels on PYTHONPATH: benchmarks/gpu_env.sh, fp16)::
 
     python benchmarks/bench_profile_gpu.py --out benchmarks/results/profile_gpu_h100.json
 

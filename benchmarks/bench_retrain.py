@@ -8,7 +8,7 @@ rows that run through the real training loader (ImageFolder ``DIR/train``, the r
 augmentation, ``--workers`` processes): the loader alone (decode + augment + copy to the
 device) and the full step fed by it, to see where the loader becomes the limit.
 
-GPU (kernels from shared/, see benchmarks/gpu_env.sh)::
+GPU (kernels on PYTHONPATH: benchmarks/gpu_env.sh)::
 
     python benchmarks/bench_retrain.py --out benchmarks/results/retrain_h100.json
     python benchmarks/bench_retrain.py --data /tmp/cifar10 --workers 16 --out /tmp/retrain_data.json

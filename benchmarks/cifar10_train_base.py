@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compressor._io import atomic_torch_save  # noqa: E402
 from compressor.engine import fit  # noqa: E402
-from compressor.models import VimConfig, VisionMamba, load_model  # noqa: E402
+from compressor import load_model  # noqa: E402
+from compressor.models import VimConfig, VisionMamba  # noqa: E402
 
 CFG = VimConfig(embed_dim=192, depth=12, img_size=32, patch_size=4, stride=4, num_classes=10, drop_path_rate=0.1)
 RECIPE = Path(__file__).resolve().parent / "cifar10" / "base.toml"

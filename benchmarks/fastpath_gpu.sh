@@ -3,7 +3,7 @@
 # then the speed table (Vim-Ti/S/B, random weights, fp16, batch 128 and 1, eager and one CUDA graph)
 # with the Triton merge, and the reference (torch) merge at r031 for comparison; the baseline is
 # re-measured in every invocation.
-#   . benchmarks/gpu_env.sh > /tmp/env.log 2>&1   # kernels on PYTHONPATH (docs: shared gpu.md)
+#   . benchmarks/gpu_env.sh > /tmp/env.log 2>&1   # kernels on PYTHONPATH
 #   RES=runs/fastpath bash benchmarks/fastpath_gpu.sh [quick|full]
 set -uo pipefail
 RES=${RES:-runs/fastpath}; MODE=${1:-full}

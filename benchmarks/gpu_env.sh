@@ -1,7 +1,8 @@
-# Source on the lent GPU machine (see ../shared/docs/gpu.md): unpacks the prebuilt kernels and the
-# CIFAR-10 archives carried in .gpu/ (k/: kernels, d/: data) or .gpu2/ (mamba-ssm + data in one
-# folder, under the 64 MiB carry limit) and sets PYTHONPATH.
-#   mkdir -p .gpu/k .gpu/d && cp ../shared/kernels/*-sm90-*.tar.xz .gpu/k/ && cp ../shared/data/cifar10/*.tar.xz .gpu/d/
+# Source on a GPU machine without network: unpacks prebuilt kernel trees (mamba_ssm/ and
+# causal_conv1d/ built for the card, as .tar.xz) and the CIFAR-10 archives (train.tar.xz,
+# test.tar.xz: JPEGs in ImageFolder layout) found in .gpu/ (k/: kernels, d/: data) or .gpu2/
+# (mamba-ssm + data in one folder), and sets PYTHONPATH.
+#   mkdir -p .gpu/k .gpu/d && cp /path/to/kernels/*-sm90-*.tar.xz .gpu/k/ && cp /path/to/cifar10/*.tar.xz .gpu/d/
 #   (then on the device)  . benchmarks/gpu_env.sh
 K=/tmp/rmeeto_kernels
 mkdir -p "$K"

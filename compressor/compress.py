@@ -8,21 +8,20 @@ to the token count.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-import torch.fx as fx
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from .convert import convert, save_compressed
+from ._io import check_out_dir, make_out_dir
+from .convert import ConvertedModel, convert, save_compressed
 from .errors import RmeetoError
 from .merge.schedule import MergeStep, cls_per_layer, reduction_ratio, tokens_per_layer
 from .recipes import Recipe, load_recipe
 
-__all__ = ["compress", "summary_table", "COMPRESSED_NAME"]
+__all__ = ["compress", "resolve_epochs", "summary_table", "COMPRESSED_NAME"]
 
 COMPRESSED_NAME = "compressed.pt"
 
@@ -34,7 +33,9 @@ def compress(
     *,
     family: str = "vim",
     ema: bool = False,
-    retrain_epochs: int = 0,
+    factory=None,
+    factory_kwargs=None,
+    retrain_epochs: int | None = None,
     console: Console | None = None,
     quiet: bool = False,
     **kw,
@@ -42,74 +43,79 @@ def compress(
     """Convert the model in ``ckpt`` with ``recipe`` (a name, a ``.toml`` path or a
     :class:`~compressor.recipes.Recipe`) and write ``out_dir/compressed.pt``; returns its path.
 
-    ``family``/``ema`` select how the official checkpoint is read. ``extra`` in the file records the
-    source checkpoint, the family and the merge schedule. ``retrain_epochs > 0`` re-trains the
-    merged model (needs ``data=...``). A summary table goes to ``console`` unless ``quiet``.
+    ``family``/``ema`` select how the official checkpoint is read; ``factory`` (``pkg.module:callable``,
+    with ``factory_kwargs``) builds the user's own model class for it instead of rmeeto's, and is
+    stored so that the result can be rebuilt. ``extra`` in the file records the
+    source checkpoint, the family and the merge schedule. ``retrain_epochs``: None re-trains the
+    recipe's epochs when ``data=...`` is given and none without; 0 is training-free; N > 0 needs
+    ``data``. Every input is checked before ``out_dir`` is created. A summary table goes to
+    ``console`` unless ``quiet``.
     """
-    from .models.checkpoint import load_model
+    from .loading import as_factory, load_model
 
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    if retrain_epochs < 0:
-        raise RmeetoError(f"retrain_epochs must be >= 0, got {retrain_epochs}")
-    if retrain_epochs > 0 and kw.get("data") is None:
-        raise RmeetoError("re-training (--retrain-epochs > 0) needs --data (an ImageFolder dataset); or pass --retrain-epochs 0")
-    model = load_model(ckpt, family=family, ema=ema)
-    if isinstance(model, fx.GraphModule):
+    epochs = resolve_epochs(retrain_epochs, recipe, kw.get("data"))
+    check_out_dir(out_dir)
+    factory = as_factory(factory, factory_kwargs)
+    model = load_model(ckpt, family=family, ema=ema, factory=factory)
+    if isinstance(model, ConvertedModel):
         raise RmeetoError(f"{ckpt} is already compressed (recipe {model.recipe.name}): pass the original checkpoint")
-    out_dir = _writable_dir(out_dir)
-    gm = convert(model, recipe)
-    if retrain_epochs > 0:
-        gm = _retrain(gm, model, recipe, retrain_epochs, out_dir=out_dir, console=console, **kw)
+    gm, retrained = convert(model, recipe, factory=factory), None
+    if epochs > 0:
+        if not quiet and retrain_epochs is None:
+            (console or Console()).print(f"re-training {epochs} epoch(s), the recipe's ({recipe.name}); "
+                                         "--retrain-epochs 0 writes the training-free model", highlight=False, soft_wrap=True)
+        gm, retrained = _retrain(gm, model, recipe, epochs, out_dir=out_dir, console=console, **kw)
         if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 writes and prints
-            return out_dir / COMPRESSED_NAME
+            return Path(out_dir) / COMPRESSED_NAME
+    out_dir = make_out_dir(out_dir)
     extra = {
         "source_checkpoint": str(Path(ckpt).resolve()),
-        "family": model.cfg.family,
+        "family": model.cfg.family if gm.cfg is not None else "foreign",
         "ema": ema,
-        "retrain_epochs": retrain_epochs,
-        "retrain": getattr(gm, "retrain_summary", None),
+        "retrain_epochs": epochs,
+        "retrain": retrained,
         "schedule": [asdict(s) for s in gm.steps],
     }
     path = out_dir / COMPRESSED_NAME
     save_compressed(gm.eval(), path, extra=extra)
     if not quiet:
-        (console or Console()).print(summary_table(gm.cfg, gm.steps, recipe, title=f"{recipe.name}: {path}"))
+        (console or Console()).print(summary_table(gm.layout, gm.steps, recipe, title=f"{recipe.name}: {path}"))
     return path
 
 
-def _retrain(gm: fx.GraphModule, teacher, recipe: Recipe, epochs: int, *, out_dir, console=None, data=None,
-             **kw) -> fx.GraphModule:
+def _retrain(gm: ConvertedModel, teacher, recipe: Recipe, epochs: int, *, out_dir, console=None, data=None,
+             **kw) -> tuple[ConvertedModel, dict]:
     """Re-train the merged model (student ``gm``, unmerged ``teacher``): the one place where
     ``compressor.engine.fit`` plugs in. ``kw``: fit's options (batch_size, lr, distill, resume,
     device, num_workers, seed); None keeps the recipe's value."""
     from .engine import fit
 
     result = fit(gm, teacher, recipe, data, out_dir, epochs=epochs, console=console, **kw)
-    result.model.retrain_summary = {  # recorded in compressed.pt's extra
+    summary = {  # recorded in compressed.pt's extra
         "final": result.final, "baseline": result.baseline, "best_top1": result.best_top1,
         "best_epoch": result.best_epoch, "wall_time_s": result.wall_time,
     }
-    return result.model
+    return result.model, summary
 
 
-def _writable_dir(out_dir: str | os.PathLike) -> Path:
-    """Create ``out_dir`` if needed and check a file can be written there (before converting and
-    re-training, not after)."""
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
-    except OSError as e:
-        reason = e.strerror or type(e).__name__
-        raise RmeetoError(f"cannot write to output directory {out_dir} ({reason}): choose a writable -o/--out") from None
-    return out_dir
+def resolve_epochs(retrain_epochs: int | None, recipe: Recipe, data) -> int:
+    """Re-training epochs: the recipe's when ``data`` is given and ``retrain_epochs`` is None, 0
+    (training-free) without data; an explicit value as given (N > 0 needs data)."""
+    if retrain_epochs is None:
+        return recipe.retrain.epochs if data is not None else 0
+    if retrain_epochs < 0:
+        raise RmeetoError(f"retrain_epochs must be >= 0, got {retrain_epochs}")
+    if retrain_epochs > 0 and data is None:
+        raise RmeetoError("re-training (--retrain-epochs > 0) needs --data (an ImageFolder dataset); or pass --retrain-epochs 0")
+    return retrain_epochs
 
 
-def summary_table(cfg, steps: list[MergeStep], recipe: Recipe, title: str = "") -> Table:
-    """Tokens and class-token position per run of layers, and the reduction ratio."""
-    L, depth = cfg.num_tokens, cfg.depth
-    tokens, cls = tokens_per_layer(steps, L, depth), cls_per_layer(steps, cfg.cls_index, depth)
+def summary_table(layout, steps: list[MergeStep], recipe: Recipe, title: str = "") -> Table:
+    """Tokens and class-token position per run of layers, and the reduction ratio. ``layout``:
+    a :class:`~compressor.fx.TokenLayout` (or a VimConfig: the same fields)."""
+    L, depth = layout.num_tokens, layout.depth
+    tokens, cls = tokens_per_layer(steps, L, depth), cls_per_layer(steps, layout.cls_index, depth)
     table = Table(title=title or recipe.name, box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("layers")
     table.add_column("tokens", justify="right")

@@ -137,7 +137,7 @@ def run_demo(out: str | os.PathLike, *, data: str | os.PathLike | None = None, s
     from .compress import compress
     from .engine import fit
     from .export.onnx import export_onnx
-    from .models.checkpoint import load_model
+    from .loading import load_model
     from .models.registry import create_model
     from .profile.run import run_profile
     from .recipes import load_recipe, with_overrides

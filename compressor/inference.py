@@ -66,7 +66,9 @@ class GraphedModel(nn.Module):
 
     @property
     def graphed_shapes(self) -> list[tuple]:
-        return [k[0] for k in self._graphs]
+        """Input shapes replayed from a captured graph (a failed capture is remembered as None,
+        so that it is not retried, and is not listed)."""
+        return [k[0] for k, entry in self._graphs.items() if entry is not None]
 
     def _eager(self, x):
         with torch.inference_mode():

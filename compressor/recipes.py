@@ -10,8 +10,8 @@ A recipe file has three parts::
     [retrain]                     # RetrainConfig fields; only what differs from the defaults
     epochs = 15
 
-Built-in recipes are the ``*.toml`` files of the top-level ``recipes/`` directory;
-:func:`load_recipe` takes a built-in name or a path to a ``.toml`` file.
+Built-in recipes are the ``*.toml`` files of ``compressor/builtin_recipes/`` (package data: they
+ship in the wheel); :func:`load_recipe` takes a built-in name or a path to a ``.toml`` file.
 
 Precedence, resolved here and nowhere else: **command line > recipe file > dataclass default**.
 
@@ -59,12 +59,12 @@ __all__ = [
 
 RECIPE_FORMAT_VERSION = 1
 AMP_MODES = ("auto", "bf16", "fp16", "off")
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parent / "builtin_recipes"  # package data (pyproject.toml)
 
 
 @dataclass(frozen=True)
 class RetrainConfig:
-    """The ``[retrain]`` table: the paper's re-training recipe (docs: rmeeto-spec.md).
+    """The ``[retrain]`` table: the paper's re-training recipe (docs/recipes.md).
 
     ``lr`` is the base learning rate for a global batch of 512, scaled linearly by
     ``batch_size * world_size / 512``; ``batch_size`` is per process. ``auto_augment = ""``
@@ -277,7 +277,7 @@ def _build(d: dict[str, Any], source: str, default_name: str | None = None) -> R
 
 
 def list_recipe_names() -> list[str]:
-    """Names of the built-in recipes (the ``*.toml`` files of ``recipes/``)."""
+    """Names of the built-in recipes (the ``*.toml`` files of :data:`RECIPES_DIR`)."""
     if not RECIPES_DIR.is_dir():
         return []
     return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
@@ -308,9 +308,9 @@ def load_recipe(name_or_path: str | os.PathLike) -> Recipe:
     name = str(name_or_path)
     builtin = RECIPES_DIR / f"{name}.toml"
     if name in list_recipe_names():
-        recipe = _read(builtin, f"recipes/{name}.toml", default_name=name)
+        recipe = _read(builtin, f"built-in recipe {name}.toml", default_name=name)
         if recipe.name != name:
-            raise RecipeError(f'recipes/{name}.toml: name must match the file name "{name}", got {_fmt(recipe.name)}')
+            raise RecipeError(f'built-in recipe {name}.toml: name must match the file name "{name}", got {_fmt(recipe.name)}')
         return recipe
     choices = ", ".join(list_recipe_names()) or "(none installed)"
     raise RecipeError(f"unknown recipe {name!r}: choose one of {choices}, or pass a path to a .toml file")

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import pickle
 import re
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -210,8 +208,19 @@ def test_malicious_pickle_is_refused_before_it_runs(tmp_path, kind):
     assert not marker.exists()
 
 
-def test_allow_list_is_explicit_and_small():
-    assert SAFE_GLOBALS == (argparse.Namespace,)
+def test_allow_list_admits_the_official_args_and_nothing_else(tiny, tmp_path):
+    """A harmless global that is not allow-listed (a Fraction in ``args``) is refused by name;
+    the official ``argparse.Namespace`` loads."""
+    from fractions import Fraction
+
+    model, _ = tiny
+    ok = tmp_path / "ok.pth"
+    torch.save({"model": model.state_dict(), "args": argparse.Namespace(model="vim_test", lr=5e-4)}, ok)
+    assert read_checkpoint(ok)["args"].lr == 5e-4 and argparse.Namespace in SAFE_GLOBALS
+    other = tmp_path / "other.pth"
+    torch.save({"model": model.state_dict(), "args": {"lr": Fraction(1, 2)}}, other)
+    msg = _one_line_error(read_checkpoint, other)
+    assert "fractions.Fraction" in msg and "not allow-listed" in msg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,10 +295,11 @@ def test_raw_bf16_state_dict_is_cast(tiny):
 
 
 def test_compressed_checkpoint_goes_to_convert(tmp_path, monkeypatch):
+    """The one loading door hands rmeeto's compressed files to the converter's reader."""
+    import compressor.loading as loading
+
     calls = []
-    fake = types.ModuleType("compressor.convert")
-    fake.load_compressed_payload = lambda obj, **kw: calls.append((obj, kw)) or "compressed-model"
-    monkeypatch.setitem(sys.modules, "compressor.convert", fake)
+    monkeypatch.setattr(loading, "load_compressed_payload", lambda obj, **kw: calls.append((obj, kw)) or "compressed-model")
     path = tmp_path / "merged.pth"
     torch.save({"rmeeto_format": 1, "model": {}}, path)
     assert load_model(path, backend="ref") == "compressed-model"
@@ -299,13 +309,40 @@ def test_compressed_checkpoint_goes_to_convert(tmp_path, monkeypatch):
 def test_describe_checkpoint():
     d = describe_checkpoint(_fixture(VIM_LAYOUT))
     assert (d["tokens"], d["cls_index"], d["cls_position"]) == (197, 98, "middle")
-    assert d["ambiguous"] and "pass --family" in d["ambiguity"]
+    assert (d["family"], d["family_source"], d["ambiguous"]) == ("vim", "args.model", False)  # args.model names Vim
     assert d["has_ema"] and d["epoch"] == 299 and d["model_name"].startswith("vim_tiny_patch16_224")
     assert d["parameters"] == sum(p.numel() for p in VisionMamba(d["config"]).parameters())
-    assert d["backend"].split()[0] in ("ref", "cuda", "chunked")
-    assert d["merge_impl"].split()[0] == ("triton" if torch.cuda.is_available() and fast.available() else "torch")
+    assert "backend" not in d and "merge_impl" not in d  # how this machine runs is not a property of the file
     v = describe_checkpoint(VIM_LAYOUT, family="videomamba")
     assert not v["ambiguous"] and v["cls_index"] == 0 and v["config"].divide_out is False
+
+
+@pytest.mark.parametrize("name, family", [
+    ("vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2", "vim"),
+    ("videomamba_small", "videomamba"),
+    (None, None),
+    ("deit_small_patch16_224", None),
+])
+def test_describe_reads_the_family_from_args_model(tiny, tmp_path, name, family):
+    model, _ = tiny
+    path = tmp_path / "named.pth"
+    torch.save({"model": model.state_dict(), **({"args": argparse.Namespace(model=name)} if name else {})}, path)
+    d = describe_checkpoint(path)
+    assert d["family"] == family and d["ambiguous"] == (family is None)
+    assert d["cls_position"] == {"videomamba": "head"}.get(family, "middle")  # read as vim when unnamed
+    assert describe_checkpoint(path, family="videomamba")["family_source"] == "--family"  # the option wins
+
+
+def test_describe_compressed_reports_its_family(tmp_path):
+    from compressor.convert import convert, save_compressed
+    from compressor.loading import describe
+
+    gm = convert(create_model("vim_test", family="videomamba", cls_position="head", divide_out=False).eval(), "r031")
+    save_compressed(gm, tmp_path / "c.pt")
+    d = describe(tmp_path / "c.pt")
+    assert d["family"] == "videomamba" and d["rmeeto_format"] is not None
+    result = CliRunner().invoke(app, ["info", str(tmp_path / "c.pt")])
+    assert result.exit_code == 0 and "videomamba" in _row(result.output, "family"), result.output
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,7 +362,10 @@ def test_cli_info_on_fixture():
     assert re.search(r"\b8\b", _row(result.output, "depth"))
     assert re.search(r"\b197\b", _row(result.output, "tokens"))
     assert re.search(r"\b98\b", _row(result.output, "class token"))
-    assert "pass --family" in result.output
+    assert "vim (from args.model)" in _row(result.output, "family") and "pass --family" not in result.output
+    assert re.search(r"backend auto\W+(\w+)", result.output).group(1) in ("ref", "cuda", "chunked")
+    merges = "triton" if torch.cuda.is_available() and fast.available() else "torch"
+    assert re.search(r"merges auto\W+(\w+)", result.output).group(1) == merges
     result = CliRunner().invoke(app, ["info", str(VIM_LAYOUT), "--family", "videomamba", "--ema"])
     assert result.exit_code == 0 and re.search(r"\b0 \(head\)", _row(result.output, "class token"))
 

@@ -13,7 +13,8 @@ from compressor.cli import app
 from compressor.compress import compress
 from compressor.errors import RmeetoError
 from compressor.merge import TokenMerge
-from compressor.models import create_model, load_model
+from compressor import load_model
+from compressor.models import create_model
 
 runner = CliRunner()
 
@@ -107,7 +108,30 @@ def test_visualize_writes_a_png(ckpt, image, tmp_path):
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     with Image.open(out) as im:
-        assert im.width > im.height / 2  # two images side by side, two rows
+        assert im.width > 1.5 * im.height  # one row: one panel per image, the tokens drawn over it
+
+
+def test_merge_drawing_titles_the_class_and_overlays_the_image():
+    from compressor.merge.visualize import _token_layer, image_label, merges_figure
+
+    assert image_label("data/val/cat/0001.jpg") == "cat (0001.jpg)" and image_label("img.png") == "img.png"
+    labels = np.array([[0, 0], [1, 2]])  # token 0 holds two patches, tokens 1 and 2 one each
+    layer = _token_layer(labels, 4, alpha=0.4)  # 2 px per patch
+    assert layer.shape == (4, 4, 4)
+    assert np.allclose(layer[0, 1:3, 3], 0.4) and np.all(layer[0, 0, :3] == layer[0, 3, :3])  # merged: one colour
+    assert np.all(layer[3, 0:2, 3] == 0) and np.all(layer[3, 3, 3] == 0)  # single patches: transparent
+    assert np.all(layer[2, 0:4] == 1.0)  # white outline along the merged token's lower edge
+    assert np.all(layer[3, 2, 3] == 0)  # no outline between two single-patch tokens
+    pruned = _token_layer(np.array([[0, -1], [1, 1]]), 2)
+    assert pruned[0, 1, 3] == 0.75 and np.all(pruned[0, 1, :3] == 0)  # dropped patch: dark
+    rgb = torch.rand(2, 3, 8, 8)
+    sources = torch.zeros(2, 3, 4)
+    sources[:, 0, :2] = sources[:, 1, 2] = sources[:, 2, 3] = 1
+    fig = merges_figure(rgb, sources, 2, titles=["cat (0.jpg)", "dog (1.jpg)"])
+    assert [ax.get_title().splitlines()[0] for ax in fig.axes] == ["cat (0.jpg)", "dog (1.jpg)"]
+    assert all(ax.get_title().endswith("3 patch tokens from 4: 1 merged") for ax in fig.axes)
+    assert [len(ax.images) for ax in fig.axes] == [2, 2]  # the image, and the token layer over it
+    assert np.allclose(fig.axes[0].images[0].get_array(), rgb[0].permute(1, 2, 0).numpy())
 
 
 def test_visualize_uses_a_compressed_checkpoint_as_it_is(ckpt, image, tmp_path):

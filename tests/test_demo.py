@@ -31,7 +31,8 @@ def test_demo_tiny_end_to_end(tmp_path):
     # base.pth is in the official layout and loads as a plain Vision Mamba
     import argparse
 
-    from compressor.models.checkpoint import load_model, read_checkpoint
+    from compressor import load_model
+    from compressor.models.checkpoint import read_checkpoint
     from compressor.models.vim import VisionMamba
 
     obj = read_checkpoint(files["base"])

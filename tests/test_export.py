@@ -285,7 +285,7 @@ def test_unwritable_destination_is_a_clean_error(tmp_path):
 def test_bad_arguments(tmp_path):
     with pytest.raises(RmeetoError, match="opset 13 is not supported"):
         export_onnx(_model(depth=1), tmp_path / "m.onnx", opset=13)
-    with pytest.raises(RmeetoError, match="expects a VisionMamba"):
+    with pytest.raises(RmeetoError, match="no stack of Mamba blocks found in Linear"):
         export_onnx(torch.nn.Linear(2, 2), tmp_path / "m.onnx")
     with pytest.raises(RmeetoError, match="batch must be >= 1"):
         export_onnx(_model(depth=1), tmp_path / "m.onnx", batch=0)

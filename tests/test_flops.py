@@ -6,7 +6,7 @@ import pytest
 
 from compressor.merge.schedule import MergeConfig, merge_schedule
 from compressor.models.registry import get_config
-from compressor.profile import count_flops, paper_tokens_per_layer
+from compressor.flops import count_flops, paper_tokens_per_layer
 from compressor.recipes import load_recipe
 
 TOL = 5e-4  # GFLOPs

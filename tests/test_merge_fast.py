@@ -145,6 +145,25 @@ def test_auto_picks_triton_only_where_it_applies(converted):
         unordered(torch.randn(1, 17, 8, device=DEV), torch.randn(1, 17, 8, device=DEV))
 
 
+def test_failed_capture_is_not_listed_as_graphed(monkeypatch):
+    """A capture that fails falls back to eager; ``graphed_shapes`` lists only captured shapes
+    (a fake CUDA tensor reaches the capture path without a GPU)."""
+    import compressor.inference as inference
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def fail(*_a, **_k):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(inference, "capture_graph", fail)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    graphed = GraphedModel(torch.nn.Identity())
+    with FakeTensorMode():
+        x = torch.empty(2, 3, device="cuda")
+    assert graphed._entry(x) is None and "capture failed" in graphed.note and "not permitted" in graphed.note
+    assert graphed.graphed_shapes == []
+    assert graphed._entry(x) is None  # remembered: not captured again
+
+
 def test_optimize_for_inference_cpu_falls_back_to_eager():
     torch.manual_seed(0)
     model = create_model("vim_test").eval()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,11 +21,15 @@ from compressor.convert import convert, save_compressed
 from compressor.errors import RmeetoError
 from compressor.merge.module import TokenMerge
 from compressor.models import create_model
-from compressor.profile import ProfileSettings, load_targets, run_profile
+from compressor.profile import ProfileInterrupted, ProfileSettings, load_targets, run_profile
+from compressor.profile import run as profile_run
 from compressor.profile.overhead import TokenSlice, hook_overhead, sliced_variant
+from compressor.profile.plots import throughput_figure
+from compressor.profile.report import to_markdown
+from compressor.profile.stats import latencies_within_noise
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-TINY = dict(device="cpu", batch_sizes=(1, 2), warmup=1, repeats=2, eval_workers=0, eval_batch_size=8)
+TINY = dict(device="cpu", batch_sizes=(1, 2), warmup=1, repeats=3, eval_workers=0, eval_batch_size=8)
 
 
 def _image_folder(root, classes=10, per_class=1):
@@ -59,7 +65,10 @@ def profiled(compressed_ckpt, tmp_path_factory):
     """One profile run shared by the report tests: compressed model + baseline, with data."""
     root = tmp_path_factory.mktemp("profile")
     data = _image_folder(root / "data")
-    report = run_profile(compressed_ckpt, out_dir=root / "out", data=data, **TINY)
+    calls = []
+    report = run_profile(compressed_ckpt, out_dir=root / "out", data=data, backends=("eager", "graph"),
+                         overhead=("sliced", "hooks"), progress=lambda *a: calls.append(a), **TINY)
+    report["_progress"] = calls
     return report, root / "out"
 
 
@@ -67,38 +76,52 @@ def profiled(compressed_ckpt, tmp_path_factory):
 # the report
 
 
-def test_report_json_has_every_field(profiled):
+def test_report_json_matches_the_run(profiled):
     report, out = profiled
     on_disk = json.loads((out / "report.json").read_text())
-    assert on_disk["models"][1]["name"] == report["models"][1]["name"] == "compressed"
-    for key in ("rmeeto_profile", "created", "hardware", "settings", "methods", "baseline", "models", "notes", "outputs"):
-        assert key in on_disk, key
+    assert on_disk["rmeeto_profile"] == 2 and on_disk["interrupted"] is False
+    assert [m["name"] for m in on_disk["models"]] == ["baseline", "compressed"]
+    assert [m["role"] for m in on_disk["models"]] == ["baseline", "compressed"] and on_disk["baseline"] == "baseline"
+    assert on_disk["models"][1]["timings"] == json.loads(json.dumps(report["models"][1]["timings"]))  # the same numbers
     hw = on_disk["hardware"]
-    for key in ("device", "device_name", "cpu_count", "torch", "cuda", "python", "kernels", "torch_threads"):
-        assert key in hw, key
-    assert hw["device"] == "cpu" and hw["cpu_count"] >= 1 and hw["device_name"]
+    assert hw["device"] == "cpu" and hw["cpu_count"] == os.cpu_count() and hw["torch"] == torch.__version__
+    assert hw["torch_threads"] == on_disk["settings"]["threads"] >= 1
     st = on_disk["settings"]
-    assert st["dtype"] == "fp32" and st["batch_sizes"] == [1, 2] and st["backends"] == ["eager", "graph"]
-    assert st["op_backend"] == "ref" and st["repeats"] == 2
-    assert {"timing", "memory", "merge_overhead", "flops"} <= set(on_disk["methods"])
-    assert on_disk["baseline"] == "baseline"
-    assert [m["role"] for m in on_disk["models"]] == ["baseline", "compressed"]
+    assert (st["dtype"], st["batch_sizes"], st["backends"], st["op_backend"]) == ("fp32", [1, 2], ["eager", "graph"], "ref")
+    assert (st["warmup"], st["repeats"], st["time_budget_s"]) == (1, 3, 0.0)  # explicit repeats: exactly that many
+    assert {"timing", "noise", "memory", "merge_overhead", "flops", "accuracy"} <= set(on_disk["methods"])
+    assert {k: Path(v).name for k, v in on_disk["outputs"].items()} == {
+        "json": "report.json", "markdown": "report.md", "plot_throughput": "throughput.png",
+        "plot_tokens": "tokens_per_layer.png", "plot_accuracy": "accuracy.png"}
+    assert all(Path(v).is_file() for v in on_disk["outputs"].values())
     for m in on_disk["models"]:
-        for key in ("name", "role", "source", "recipe", "arch", "params", "flops", "tokens_per_layer", "merges",
-                    "reduction_ratio", "timings", "merge_overhead", "accuracy", "notes"):
-            assert key in m, key
-        assert m["params"] > 0 and len(m["tokens_per_layer"]) == m["arch"]["depth"]
+        assert m["params"] == sum(p.numel() for p in create_model("vim_test").parameters())  # merges add no weights
+        assert m["arch"]["depth"] == len(m["tokens_per_layer"]) == 4
+        assert m["tokens_per_layer"][0] == m["arch"]["tokens"] == 17
+        assert m["reduction_ratio"] == pytest.approx(sum(17 - n for n in m["tokens_per_layer"]) / (4 * 17))
+
+
+def test_progress_reaches_the_total_in_order(profiled):
+    calls = profiled[0]["_progress"]
+    done = [c[1] for c in calls]
+    total = {c[2] for c in calls}
+    # baseline: 2 timings (graph skipped on the CPU is not counted), compressed: 2 + 2 sliced + 2 hooks, 2 evaluations
+    assert total == {10} and done == sorted(done) and done[-1] == 10
+    assert any("merge hooks" in c[0] for c in calls) and any("accuracy" in c[0] for c in calls)
 
 
 def test_timings_are_sane(profiled):
     report, _ = profiled
+    base = {r["batch_size"]: r for r in report["models"][0]["timings"] if r["backend"] == "eager"}
     for m in report["models"]:
         eager = [r for r in m["timings"] if r["backend"] == "eager"]
         assert [r["batch_size"] for r in eager] == [1, 2]
         for r in eager:
-            assert r["status"] == "ok" and r["device"] == "cpu" and r["repeats"] == 2
-            assert r["throughput"] > 0 and math.isfinite(r["throughput"])
-            assert 0 < r["latency_ms_min"] <= r["latency_ms_median"] <= r["latency_ms_p90"]
+            assert r["status"] == "ok" and r["device"] == "cpu" and r["repeats"] == 3
+            assert r["throughput"] == pytest.approx(r["batch_size"] / r["latency_ms_median"] * 1e3)
+            assert 0 < r["latency_ms_min"] <= r["latency_ms_q1"] <= r["latency_ms_median"] <= r["latency_ms_q3"]
+            assert r["latency_ms_q3"] <= r["latency_ms_p90"] <= r["latency_ms_max"]
+            assert r["speedup_within_noise"] is (None if m["role"] == "baseline" else latencies_within_noise(r, base[r["batch_size"]]))
             assert r["peak_memory_mb"] is None  # not measured on the CPU
             assert r["speedup"] is not None and r["speedup"] > 0
             if m["role"] == "baseline":
@@ -129,8 +152,12 @@ def test_merge_overhead_rows(profiled):
     for r in sliced:
         assert r["merged_ms"] > 0 and r["sliced_ms"] > 0 and r["sliced_speedup"] > 0
         assert r["overhead_fraction"] == pytest.approx((r["merged_ms"] - r["sliced_ms"]) / r["merged_ms"])
+        assert r["sliced_ms_q1"] <= r["sliced_ms"] <= r["sliced_ms_q3"] and isinstance(r["within_noise"], bool)
     assert [r["batch_size"] for r in hooks] == [1, 2]
-    assert all(0 < r["overhead_fraction"] < 1 and 0 < r["merge_ms"] < r["forward_ms"] for r in hooks)
+    for r in hooks:
+        assert 0 < r["overhead_fraction"] < 1 and 0 < r["merge_ms"] < r["forward_ms"] and r["repeats"] == 3
+        assert r["overhead_fraction_q1"] <= r["overhead_fraction"] <= r["overhead_fraction_q3"]
+        assert r["within_noise"] == (r["overhead_fraction_q3"] - r["overhead_fraction_q1"] > r["overhead_fraction"])
 
 
 def test_accuracy_on_data(profiled):
@@ -138,6 +165,20 @@ def test_accuracy_on_data(profiled):
         acc = m["accuracy"]
         assert acc["images"] == 10 and acc["classes"] == 10 and acc["dtype"] == "fp32"
         assert 0 <= acc["top1"] <= acc["top5"] <= 100
+        assert acc["fp32"] == {"top1": acc["top1"], "top5": acc["top5"], "loss": acc["loss"]}  # timed in fp32
+
+
+def test_accuracy_in_the_timed_dtype_beside_fp32(compressed_ckpt, tmp_path):
+    data = _image_folder(tmp_path / "data")
+    report = run_profile(compressed_ckpt, data=data, dtype="bf16", overhead=(),
+                         **{**TINY, "batch_sizes": (1,), "repeats": 1})
+    for m in report["models"]:
+        acc = m["accuracy"]
+        assert acc["dtype"] == "bf16" and set(acc["fp32"]) == {"top1", "top5", "loss"}
+        assert acc["loss"] != acc["fp32"]["loss"]  # evaluated twice: bf16 rounding moves the loss
+        assert acc["loss"] == pytest.approx(acc["fp32"]["loss"], rel=0.05)
+    md = to_markdown(report)
+    assert "top-1 (bf16)" in md and "top-1 (fp32)" in md
 
 
 def test_plots_and_markdown_written(profiled):
@@ -149,6 +190,58 @@ def test_plots_and_markdown_written(profiled):
         assert heading in md
     assert "| compressed | eager | 2 |" in md and "![throughput](throughput.png)" in md
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporary files
+
+
+def test_throughput_plot_starts_at_zero_with_error_bars(profiled):
+    report, _ = profiled
+    fig = throughput_figure(report)
+    (ax,) = fig.axes  # one panel: graph produced no numbers on the CPU
+    assert ax.get_title().startswith("throughput, eager") and "images / s" in ax.get_ylabel()
+    assert ax.get_ylim()[0] == 0
+    bars = [c for c in ax.containers if c.has_yerr]
+    assert len(bars) == 2  # one per model
+    for model, bar in zip(report["models"], bars):
+        seg = bar.lines[2][0].get_segments()  # one vertical segment per batch size
+        rows = sorted((r for r in model["timings"] if r["backend"] == "eager"), key=lambda r: r["batch_size"])
+        for (lo, hi), r in zip(((s[0][1], s[1][1]) for s in seg), rows):
+            assert lo == pytest.approx(r["batch_size"] / r["latency_ms_q3"] * 1e3)
+            assert hi == pytest.approx(r["batch_size"] / r["latency_ms_q1"] * 1e3)
+
+
+def _interrupt_after(monkeypatch, n: int) -> None:
+    """Ctrl-C during the ``n+1``-th timing series."""
+    real, seen = profile_run.time_backend, []
+
+    def timed(*a, **kw):
+        if len(seen) == n:
+            raise KeyboardInterrupt
+        seen.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(profile_run, "time_backend", timed)
+
+
+def test_ctrl_c_writes_a_partial_report(compressed_ckpt, tmp_path, monkeypatch):
+    _interrupt_after(monkeypatch, 3)  # baseline bs 1 and 2, compressed bs 1; then Ctrl-C
+    with pytest.raises(ProfileInterrupted) as info:
+        run_profile(compressed_ckpt, out_dir=tmp_path, **{**TINY, "overhead": ()})
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk["interrupted"] is True and info.value.report["interrupted"] is True
+    base, comp = on_disk["models"]
+    assert [r["batch_size"] for r in base["timings"]] == [1, 2] and [r["batch_size"] for r in comp["timings"]] == [1]
+    assert comp["timings"][0]["speedup"] > 0  # what was measured is compared
+    assert on_disk["notes"][0].startswith("interrupted (Ctrl-C) at 3 of 4 series")
+    assert "(interrupted: partial)" in (tmp_path / "report.md").read_text()
+
+
+def test_cli_ctrl_c_exits_130_with_the_partial_table(compressed_ckpt, tmp_path, monkeypatch):
+    _interrupt_after(monkeypatch, 1)
+    out = tmp_path / "rep"
+    result = CliRunner().invoke(app, ["profile", str(compressed_ckpt), "--device", "cpu", "--batch-sizes", "1",
+                                      "--repeats", "1", "--warmup", "0", "-o", str(out)])
+    assert result.exit_code == 130, result.output
+    assert "INTERRUPTED" in result.output and "partial" in result.output
+    assert json.loads((out / "report.json").read_text())["interrupted"] is True
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from compressor.merge.schedule import (
     tokens_per_layer,
 )
 from compressor.models.registry import get_config
-from compressor.profile import paper_reduction_ratio
+from compressor.flops import paper_reduction_ratio
 from compressor.recipes import (
     Recipe,
     RetrainConfig,

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from compressor.cli import app
 from compressor.convert import convert
 from compressor.merge import MergeConfig
-from compressor.models import create_model, load_model
+from compressor import load_model
+from compressor.models import create_model
 from helpers import make_image_folder
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"

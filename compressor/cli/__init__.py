@@ -21,6 +21,8 @@ from . import visualize  # noqa: F401
 from . import compress  # noqa: F401
 from . import export  # noqa: F401
 from . import eval as _eval  # noqa: F401
+from . import demo as _demo  # noqa: F401
+from . import models as _models  # noqa: F401
 
 __all__ = ["app", "main"]
 
@@ -31,4 +33,3 @@ def main(argv: list[str] | None = None) -> None:
     except RmeetoError as e:  # raised outside typer's own handling
         console_err.print(f"[red]error:[/red] {e}")
         sys.exit(1)
-from . import demo as _demo  # noqa: F401

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from .. import __version__
+from .._version import __version__
 from ..errors import RmeetoError
 
 app = typer.Typer(
@@ -17,6 +17,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # click's plain help: it wraps every help text at any width, where rich's option table
+    # squeezed the help column to ~18 characters at 80 columns and cut words with "…"
+    rich_markup_mode=None,
 )
 console = Console()
 console_err = Console(stderr=True)

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ..engine.evaluation import evaluate_checkpoint
 from ._app import command, console
+from ._options import ModelFactory, ModelKwargs
 from .info import Family
 
 
@@ -22,13 +23,15 @@ def eval_(
     family: Annotated[
         Optional[Family], typer.Option(help="Model family of an official checkpoint (default vim; the file cannot tell).")
     ] = None,
-    workers: Annotated[int, typer.Option(help="Data loader worker processes.", min=0)] = 4,
+    workers: Annotated[Optional[int], typer.Option(help="Data loader worker processes (default: one per core but one, at most 4).", min=0)] = None,
+    model_factory: ModelFactory = None,
+    model_kwargs: ModelKwargs = None,
     crop_pct: Annotated[Optional[float], typer.Option(help="Center-crop fraction (default: the checkpoint's recipe, else 0.875).", min=0.1, max=1.0)] = None,
 ):
     """Evaluate a checkpoint on an ImageFolder split: top-1, top-5, loss, images/s (fp32)."""
     m = evaluate_checkpoint(ckpt, data, batch_size=batch_size, device=device,
                             family=family.value if family else "vim", num_workers=workers,
-                            crop_pct=crop_pct)
+                            crop_pct=crop_pct, factory=model_factory, factory_kwargs=model_kwargs)
     table = Table(title=f"{ckpt} on {m['data']}", show_header=False)
     table.add_column("metric", style="bold")
     table.add_column("value", justify="right")

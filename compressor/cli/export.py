@@ -12,8 +12,9 @@ from rich.table import Table
 from .. import ops
 from ..errors import RmeetoError
 from ..export import ExportReport, export_onnx
-from ..models.checkpoint import load_model
+from ..loading import load_model
 from ._app import command, console
+from ._options import ModelFactory, ModelKwargs
 from .info import Family
 
 #: how the selective scan is written into the graph (``compressor.ops.EXPORT_SCANS``)
@@ -35,6 +36,8 @@ def export(
                           "graphs), chunked (older unrolled form), ref (unrolled per token)."),
     ] = Scan(ops.EXPORT_SCAN_DEFAULT),
     family: Annotated[Optional[Family], typer.Option(help="Model family of an official checkpoint (the file cannot tell).")] = None,
+    model_factory: ModelFactory = None,
+    model_kwargs: ModelKwargs = None,
     rtol: Annotated[
         Optional[float], typer.Option(help="Max |ORT - PyTorch| / max |PyTorch| allowed (default 1e-4; 1e-2 with --fp16).", min=0.0)
     ] = None,
@@ -42,8 +45,9 @@ def export(
     """Export a checkpoint to ONNX with fixed image size; check it against PyTorch with ONNX Runtime."""
     if dynamic_batch and batch is not None:
         raise RmeetoError("choose either --batch B (a fixed batch) or --dynamic-batch, not both")
-    model = load_model(ckpt, family=family.value if family else "vim", backend="auto")
-    with console.status(f"exporting {ckpt.name} and checking it with ONNX Runtime"):
+    model = load_model(ckpt, family=family.value if family else "vim", backend="auto", factory=model_factory,
+                       factory_kwargs=model_kwargs)
+    with console.status(f"exporting {ckpt.name} (minutes for a depth-24 model) and checking it with ONNX Runtime"):
         report = export_onnx(model, onnx, opset=opset, batch=batch or 1, dynamic_batch=dynamic_batch, fp16=fp16, rtol=rtol,
                              scan=scan.value)
     console.print(_table(report))

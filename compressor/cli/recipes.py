@@ -11,7 +11,7 @@ from rich.table import Table
 
 from ..merge.schedule import cls_per_layer, merge_schedule, reduction_ratio
 from ..models.registry import get_config
-from ..profile import count_flops, paper_reduction_ratio
+from ..flops import count_flops, paper_reduction_ratio
 from ..recipes import Recipe, list_recipes, load_recipe
 from ._app import app, console, user_errors
 
@@ -19,6 +19,7 @@ recipes_app = typer.Typer(
     help="Built-in re-training recipes: list them, or show one's token schedule and FLOPs.",
     invoke_without_command=True,
     add_completion=False,
+    rich_markup_mode=None,  # as the main app (compressor.cli._app)
 )
 app.add_typer(recipes_app, name="recipes")
 
@@ -56,7 +57,7 @@ def _merge_summary(r: Recipe) -> str:
 @user_errors
 def show(
     recipe: Annotated[str, typer.Argument(help="Built-in recipe name or path to a .toml recipe.")],
-    model: Annotated[str, typer.Option(help="Registered model name (rmeeto info lists them).")] = "vim_small",
+    model: Annotated[str, typer.Option(help="Registered model name (rmeeto models lists them).")] = "vim_small",
     img_size: Annotated[Optional[int], typer.Option(help="Input resolution (default: the model's).")] = None,
     graph: Annotated[bool, typer.Option("--graph", help="Also print the converted torch.fx graph (the code it runs).")] = False,
 ):

@@ -7,8 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..merge.visualize import visualize as run_visualize
+from ..visualize import visualize as run_visualize
 from ._app import command, console
+from ._options import ModelFactory, ModelKwargs
 from .info import Family
 
 
@@ -26,9 +27,12 @@ def visualize(
         typer.Option(help="Model family of an official checkpoint: the two share their state_dict layout, so the file cannot tell."),
     ] = None,
     ema: Annotated[bool, typer.Option("--ema", help="Use the model_ema weights of an official checkpoint.")] = False,
+    model_factory: ModelFactory = None,
+    model_kwargs: ModelKwargs = None,
 ):
-    """Paint each final token's patches in one colour beside the image (the paper's Figure 5)."""
-    res = run_visualize(ckpt, images, out, recipe=recipe, family=family.value if family else "vim", ema=ema)
+    """Draw each merged token's patches in one colour over the image, titled with its class folder (the paper's Figure 5)."""
+    res = run_visualize(ckpt, images, out, recipe=recipe, family=family.value if family else "vim", ema=ema,
+                        factory=model_factory, factory_kwargs=model_kwargs)
     for note in res.notes:
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     console.print(f"wrote {res.path}: {len(images)} image(s), {res.patches} patches -> {res.tokens} tokens", highlight=False)

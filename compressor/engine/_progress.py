@@ -9,7 +9,7 @@ import time
 
 from rich.console import Console
 
-__all__ = ["Reporter", "StopFlag", "fmt_duration"]
+__all__ = ["Reporter", "StopFlag", "fmt_duration", "fmt_rate"]
 
 
 def fmt_duration(seconds: float) -> str:
@@ -19,27 +19,84 @@ def fmt_duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-class Reporter:
-    """``start_epoch`` / ``update`` / ``end_epoch`` / ``line``. Silent when not ``enabled``."""
+def fmt_rate(value: float) -> str:
+    """A rate with real precision: ``0.0527``, ``7.41``, ``95.3``, ``1234`` (never "0" for 0.05)."""
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
-    def __init__(self, enabled: bool = True, console: Console | None = None, tty: bool | None = None):
+
+class Reporter:
+    """``start_epoch`` / ``update`` / ``end_epoch`` / ``line`` / ``status``. Silent when not
+    ``enabled``.
+
+    Without a terminal (CI logs, files, ``| tee``) a run is never silent for more than
+    ``heartbeat_s`` (60 s): the loop reports at least that often at step boundaries
+    (:attr:`interval_s`), and a background thread prints what is in progress when a single step
+    or an evaluation takes longer than that."""
+
+    def __init__(self, enabled: bool = True, console: Console | None = None, tty: bool | None = None,
+                 heartbeat_s: float = 60.0):
         self.enabled = enabled
         self.console = console or Console(highlight=False, soft_wrap=True)
         self.tty = self.console.is_terminal if tty is None else tty
+        self.heartbeat_s = heartbeat_s
         self._progress = None
         self._task = None
         self._title = ""
         self._t0 = 0.0
         self._first = 0
+        self._total = 0
+        self._status = ""
+        self._since = time.perf_counter()
+        self._last_print = time.perf_counter()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = None
+
+    @property
+    def interval_s(self) -> float:
+        """How often the loop should report at step boundaries: every few seconds on a terminal
+        (a progress bar), every ``heartbeat_s`` in a log."""
+        return 5.0 if self.tty else self.heartbeat_s
 
     def line(self, text: str) -> None:
         if self.enabled:
-            self.console.print(text, highlight=False, soft_wrap=True)
+            with self._lock:
+                self.console.print(text, highlight=False, soft_wrap=True)
+                self._last_print = time.perf_counter()
+
+    def status(self, text: str) -> None:
+        """What is running now (the heartbeat repeats it while nothing else is printed)."""
+        self._status, self._since = text, time.perf_counter()
+
+    # ---- heartbeat (no terminal only)
+
+    def __enter__(self):
+        if self.enabled and not self.tty and self.heartbeat_s > 0:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._beat, name="rmeeto-heartbeat", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        return False
+
+    def _beat(self) -> None:
+        while not self._stop.wait(min(self.heartbeat_s, 5.0)):
+            now = time.perf_counter()
+            if self._status and now - self._last_print >= self.heartbeat_s:
+                self.line(f"{self._status}: still running ({fmt_duration(now - self._since)} so far)")
+
+    # ---- epochs
 
     def start_epoch(self, epoch: int, epochs: int, total: int, done: int = 0) -> None:
         if not self.enabled:
             return
         self._title, self._total, self._t0, self._first = f"epoch {epoch + 1}/{epochs}", total, time.perf_counter(), done
+        self.status(f"{self._title} step {done + 1}/{total}")
         if self.tty:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -54,17 +111,19 @@ class Reporter:
     def update(self, done: int, loss: float, lr: float, images_per_s: float) -> None:
         if not self.enabled:
             return
+        self.status(f"{self._title} step {min(done + 1, self._total)}/{self._total}")
         if self._progress is not None:
-            self._progress.update(self._task, completed=done, loss=f"{loss:.4f}", lr=f"{lr:.2e}", speed=f"{images_per_s:.0f}")
+            self._progress.update(self._task, completed=done, loss=f"{loss:.4f}", lr=f"{lr:.2e}", speed=fmt_rate(images_per_s))
             return
         rate = (done - self._first) / max(time.perf_counter() - self._t0, 1e-9)
         eta = (self._total - done) / rate if rate > 0 else 0.0
         self.line(
             f"{self._title} step {done}/{self._total}  loss {loss:.4f}  lr {lr:.2e}  "
-            f"{images_per_s:.0f} img/s  eta {fmt_duration(eta)}"
+            f"{fmt_rate(images_per_s)} img/s  eta {fmt_duration(eta)}"
         )
 
     def end_epoch(self) -> None:
+        self._status = ""
         if self._progress is not None:
             self._progress.stop()
             self._progress = None

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .._io import atomic_write_text
+from .._io import check_out_dir as _check_writable
 from ..errors import RmeetoError
-from ._build import amp_settings, build_optimizer, build_scheduler, make_student, prepare_teacher, scaled_lr
+from ._build import amp_settings, build_optimizer, build_scheduler, prepare_teacher, scaled_lr
+from ._memory import available_bytes, fit_batch_size, probe_step_memory
 from ._state import FitResult, RunLog, TrainState
 from ._summary import print_summary, summary_rows, write_summary
 from .checkpoint import capture_rng, check_resumable, load_checkpoint, restore_rng, save_checkpoint
@@ -24,35 +24,50 @@ CHECKPOINT, COMPRESSED, BEST, LOG, SUMMARY = "checkpoint.pt", "compressed.pt", "
 
 
 def check_out_dir(out_dir, resume: bool) -> Path:
-    """``out_dir`` exists (created) and is writable; without ``resume`` it must not hold a run."""
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".rmeeto-write-test.", dir=out)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise RmeetoError(f"cannot write to the output directory {out} ({e.strerror}): choose a writable one with -o") from None
+    """``out_dir`` can be written (nothing is created: :func:`make_out_dir` does it once every
+    other check has passed); without ``resume`` it must not hold a run."""
+    out = _check_writable(out_dir)
     if not resume and (out / CHECKPOINT).exists():
         raise RmeetoError(
-            f"{out} already holds a re-training run ({CHECKPOINT}): pass --resume to continue it, or choose another output directory"
+            f"{out} already holds a re-training run ({CHECKPOINT}): continue it with --resume (a different --batch-size "
+            f"is fine), or start over with another -o or after deleting {out / CHECKPOINT}"
         )
     return out
 
 
-def load_resume(path: Path, recipe, arch: dict, world_size: int) -> dict:
+def load_resume(path: Path, recipe, arch: dict, world_size: int) -> tuple[dict, dict]:
     """The checkpoint to resume from, checked to belong to this run (same model, recipe and
-    number of processes: the per-process batch and the data shards depend on it)."""
+    number of processes: the data shards and RNG streams depend on it), and the settings that
+    changed and are applied on resume (``{"batch_size": (old, new)}``)."""
     from ..recipes import recipe_to_dict
 
     ckpt = load_checkpoint(path)
-    check_resumable(ckpt, recipe_to_dict(recipe), arch, path)
+    changed = check_resumable(ckpt, recipe_to_dict(recipe), arch, path)
     if ckpt.get("world_size", 1) != world_size:
         raise RmeetoError(
             f"cannot resume from {path}: it was written by {ckpt.get('world_size')} process(es), this run has {world_size}; "
-            "resume with the same number of processes"
+            f"resume with {ckpt.get('world_size')} process(es) (torchrun --nproc_per_node), or start a new run: another -o, "
+            f"or delete {path}"
         )
-    return ckpt
+    return ckpt, changed
+
+
+def fit_batch_to_memory(student, recipe, d, *, explicit: bool, reporter):
+    """The recipe with a batch whose step fits in memory (:mod:`._memory`): an explicit
+    ``--batch-size`` (or a resumed run's batch) that does not fit stops with one line naming one
+    that does; the recipe's default is lowered to the largest that fits, said in one line. All
+    ranks agree (the smallest wins). ``student``: from make_student (moved to the device)."""
+    from ..recipes import with_overrides
+
+    rt = recipe.retrain
+    amp_dtype, _, _ = amp_settings(rt.amp, d.device)
+    mem = probe_step_memory(student.to(d.device), student.layout.input_shape, d.device, amp_dtype)
+    batch, note = fit_batch_size(rt.batch_size, explicit, mem, available_bytes(d.device), d.device.type)
+    if d.enabled:
+        batch = int(-d.all_reduce([-float(batch)], op="max")[0])
+    if note:
+        reporter.line(note)
+    return with_overrides(recipe, batch_size=batch) if batch != rt.batch_size else recipe
 
 
 def seed_everything(seed: int) -> None:
@@ -71,15 +86,15 @@ def _ema(student, retrain):
 
 def new_state(student, teacher, recipe, spec, d, stop, *, log_every: int, no_aug: bool):
     """Loaders first (their errors are cheap), then student, teacher, optimizer, schedule."""
-    rt, cfg = recipe.retrain, teacher.cfg
+    rt, layout = recipe.retrain, student.layout  # ``student``: from make_student
     pin = d.device.type == "cuda"
     common = dict(num_workers=rt.num_workers, world_size=d.world_size, rank=d.rank, pin_memory=pin)
-    train_loader = build_train_loader(spec, cfg.img_size, rt, batch_size=rt.batch_size, seed=rt.seed, no_aug=no_aug, **common)
-    val_loader = build_eval_loader(spec, cfg.img_size, rt.eval_crop_pct, batch_size=rt.batch_size, **common)
-    student = make_student(student if student is not None else teacher, recipe).to(d.device)
+    train_loader = build_train_loader(spec, layout.img_size, rt, batch_size=rt.batch_size, seed=rt.seed, no_aug=no_aug, **common)
+    val_loader = build_eval_loader(spec, layout.img_size, rt.eval_crop_pct, batch_size=rt.batch_size, **common)
+    student = student.to(d.device)
     teacher = prepare_teacher(teacher, d.device)
     amp_dtype, use_scaler, _ = amp_settings(rt.amp, d.device)
-    mixup = build_mixup(rt, cfg.num_classes)
+    mixup = build_mixup(rt, layout.num_classes)
     scale = scaled_lr(1.0, rt.batch_size, d.world_size)  # global batch / 512
     optimizer = build_optimizer(student, rt.lr * scale, rt.weight_decay)
     state = TrainState(
@@ -99,16 +114,24 @@ def describe(state: TrainState, recipe, steps: int) -> str:
     return (
         f"re-training {recipe.name}: {rt.epochs} epoch(s) x {steps} steps, batch {rt.batch_size}{procs}, "
         f"lr {scaled_lr(rt.lr, rt.batch_size, d.world_size):.3g} (base {rt.lr:g} per 512), {amp}, "
-        f"distillation {'on' if rt.distill else 'off'}, {d.device}"
+        f"distillation {'on' if rt.distill else 'off'}, {d.device}{_threads(d.device)}"
     )
 
 
-def restore_state(state: TrainState, ckpt: dict, recipe, run: RunLog, reporter, path: Path) -> tuple[int, tuple[float, int]]:
+def _threads(device: torch.device) -> str:
+    return f" ({torch.get_num_threads()} thread(s))" if device.type == "cpu" else ""
+
+
+def restore_state(state: TrainState, ckpt: dict, recipe, run: RunLog, reporter, path: Path, *, steps: int,
+                  samples: int, changed: dict | None = None) -> tuple[int, tuple[float, int]]:
     """Load a checkpoint into ``state`` and ``run``; returns where the interrupted epoch
-    resumes (batches done, (loss sum, rank-batches))."""
+    resumes (batches done, (loss sum, rank-batches)). ``steps``: batches per epoch now;
+    ``samples``: training samples per process and epoch. ``changed["batch_size"] = (old, new)``:
+    the schedule is the one rebuilt for the new batch (lr rescaled, new steps per epoch), set to
+    the same point of the run, and the interrupted epoch continues after the images it had done
+    (rounded down to a whole new batch)."""
     state.student.load_state_dict(ckpt["model"])
     state.optimizer.load_state_dict(ckpt["optimizer"])
-    state.scheduler.load_state_dict(ckpt["scheduler"])
     if state.scaler is not None and ckpt.get("scaler"):
         state.scaler.load_state_dict(ckpt["scaler"])
     if state.ema is not None and ckpt.get("ema"):
@@ -118,12 +141,29 @@ def restore_state(state: TrainState, ckpt: dict, recipe, run: RunLog, reporter, 
     run.best_top1, run.best_epoch, run.elapsed = float(ckpt["best_top1"]), int(ckpt["best_epoch"]), float(ckpt["elapsed"])
     restore_rng(ckpt["rng"][state.dist.rank])  # same world size: checked by load_resume
     start = int(ckpt.get("step_in_epoch", 0))
+    if changed and "batch_size" in changed:
+        old, new = changed["batch_size"]
+        start = start * old // new
+        state.step = state.epoch * steps + start
+        reporter.line(_rescale_line(recipe, old, new, state.dist.world_size, samples // old, steps))
+    else:
+        state.scheduler.load_state_dict(ckpt["scheduler"])
+    state.scheduler.step_update(state.step)  # the lr of the step the run continues at
     where = f"step {start} of epoch {state.epoch + 1}" if start else f"the end of epoch {state.epoch}"
     reporter.line(f"resuming {path} from {where} ({state.epochs} epochs planned)")
     if state.dist.is_main:
         _write_log(path.parent, run)  # drop lines a killed run wrote after its last checkpoint
     loss_sum, batches = ckpt.get("epoch_loss", (0.0, 0))
     return start, (float(loss_sum), int(batches))
+
+
+def _rescale_line(recipe, old: int, new: int, world: int, old_steps: int, new_steps: int) -> str:
+    rt = recipe.retrain
+    return (
+        f"batch {new} instead of the checkpoint's {old}: lr {scaled_lr(rt.lr, old, world):.3g} -> "
+        f"{scaled_lr(rt.lr, new, world):.3g} (base {rt.lr:g} per 512, scaled linearly), {old_steps} -> {new_steps} steps "
+        "per epoch; the interrupted epoch continues after the images it had done"
+    )
 
 
 def save_training_checkpoint(out: Path, state: TrainState, recipe, run: RunLog, *, step_in_epoch: int = 0,
@@ -142,7 +182,7 @@ def save_training_checkpoint(out: Path, state: TrainState, recipe, run: RunLog, 
         "ema": state.ema.module.state_dict() if state.ema is not None else None,
         "epoch": state.epoch, "step": state.step, "step_in_epoch": step_in_epoch,
         "epoch_loss": [float(epoch_loss[0]), int(epoch_loss[1])], "sampler_epoch": state.epoch,
-        **run.state_dict(), "rng": rng, "recipe": recipe_to_dict(recipe), "arch": state.student.cfg.to_dict(),
+        **run.state_dict(), "rng": rng, "recipe": recipe_to_dict(recipe), "arch": state.student.source(),
         "world_size": state.dist.world_size,
     })
 

@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .._io import atomic_write_text
+from ..flops import count_flops
 from ._progress import fmt_duration
 
 __all__ = ["summary_rows", "write_summary", "print_summary"]
@@ -16,10 +17,8 @@ HEADER = ("model", "top-1 (%)", "top-5 (%)", "val loss", "GFLOPs", "tokens (firs
 
 
 def _gflops(cfg, steps, merge) -> float | None:
-    """GFLOPs (both scan directions) if the profiler is installed, else None (column omitted)."""
-    try:
-        from ..profile.flops import count_flops
-    except ImportError:
+    """GFLOPs (both scan directions) of rmeeto's own models, else None (column omitted)."""
+    if cfg is None:
         return None
     try:
         return float(count_flops(cfg, steps, merge=merge)["gflops_both"])
@@ -43,7 +42,7 @@ def summary_rows(student, recipe, baseline: dict, final: dict, best: tuple[float
     """Rows: original, training-free merged, re-trained (final), best epoch."""
     cfg, steps = student.cfg, list(student.steps)
     g0, g1 = _gflops(cfg, [], None), _gflops(cfg, steps, recipe.merge)
-    t0, t1 = _tokens(cfg, []), _tokens(cfg, steps)
+    t0, t1 = _tokens(student.layout, []), _tokens(student.layout, steps)
     epochs = recipe.retrain.epochs
     rows = [
         _row("original", baseline.get("original"), g0, t0),

@@ -37,11 +37,17 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "check_resumable",
+    "RESUME_RESCALED",
 ]
 
 CHECKPOINT_FORMAT = 1
 # keys that may differ between the run that wrote a checkpoint and the one resuming it
 _RESUME_FREE = {"num_workers"}
+# ... and those that may differ with consequences the resume applies and reports (the lr is
+# rescaled and the steps per epoch change: compressor.engine._setup.restore_state)
+RESUME_RESCALED = {"batch_size"}
+# what to pass to get a setting back to the original run's value
+_OPTION = {"lr": "--lr", "distill": "--distill/--no-distill", "seed": "--seed", "epochs": "--retrain-epochs"}
 
 
 def capture_rng() -> dict:
@@ -89,27 +95,44 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return obj
 
 
-def _first_difference(a, b, prefix: str = "") -> str | None:
+def _differences(a, b, prefix: str = "") -> list[tuple[str, object, object]]:
+    """``(dotted key, checkpoint value, current value)`` for every leaf that differs."""
     if isinstance(a, dict) and isinstance(b, dict):
+        out = []
         for k in sorted(set(a) | set(b)):
-            if k in _RESUME_FREE:
-                continue
-            d = _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
-            if d:
-                return d
-        return None
+            if k not in _RESUME_FREE:
+                out += _differences(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         a, b = list(a), list(b)
-    return None if a == b else f"{prefix[:-1]} (checkpoint {a!r}, now {b!r})"
+    return [] if a == b else [(prefix[:-1], a, b)]
 
 
-def check_resumable(ckpt: dict, recipe: dict, arch: dict, path: str | os.PathLike) -> None:
+def check_resumable(ckpt: dict, recipe: dict, arch: dict, path: str | os.PathLike) -> dict[str, tuple]:
     """A resume must continue the same run: same model, same resolved recipe (except
-    ``num_workers``). The message names the first setting that differs."""
-    for what, stored, now in (("model", ckpt.get("arch"), arch), ("recipe", ckpt.get("recipe"), recipe)):
-        diff = _first_difference(stored, now)
-        if diff:
-            raise RmeetoError(
-                f"cannot resume from {path}: the {what} differs in {diff}; "
-                "resume with the settings of the original run, or start a new run in another directory"
-            )
+    ``num_workers``). :data:`RESUME_RESCALED` settings may change: they are returned as
+    ``{key: (checkpoint value, current value)}``. A refusal names the first other setting that
+    differs and exactly what to do."""
+    path = Path(path)
+    fresh = f"or start a new run: another -o, or delete {path}"
+    diff = _differences(ckpt.get("arch"), arch)
+    if diff:
+        key, old, new = diff[0]
+        raise RmeetoError(
+            f"cannot resume from {path}: it holds another model ({key}: checkpoint {old!r}, now {new!r}); "
+            f"pass the checkpoint the run started from, {fresh}"
+        )
+    changed = {}
+    for key, old, new in _differences(ckpt.get("recipe"), recipe):
+        leaf = key.rsplit(".", 1)[-1]
+        if leaf in RESUME_RESCALED:
+            changed[leaf] = (old, new)
+            continue
+        option = _OPTION.get(leaf)
+        if option and isinstance(old, bool):  # --distill/--no-distill
+            on, off = option.split("/")
+            how = f"pass {on if old else off} (as the original run)"
+        else:
+            how = f"pass {option} {old!r} (the original run's)" if option else "use the original run's recipe"
+        raise RmeetoError(f"cannot resume from {path}: the recipe differs in {key} (checkpoint {old!r}, now {new!r}); {how}, {fresh}")
+    return changed

@@ -32,6 +32,8 @@ __all__ = [
     "build_mixup",
     "ResumableSampler",
     "ShardSampler",
+    "auto_num_workers",
+    "usable_cores",
 ]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -187,6 +189,22 @@ class ShardSampler(Sampler):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which containers and ``taskset`` narrow;
+    ``os.cpu_count()`` where the platform has no affinity)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def auto_num_workers(cap: int) -> int:
+    """Loader processes when none were asked for: one per core but one (the main process
+    computes on every core; more decoders than cores only contend and cost memory), at most
+    ``cap``. 2 cores: 1 worker; 1 core: 0 (load in the main process)."""
+    return max(0, min(cap, usable_cores() - 1))
 
 
 def _ignore_sigint(_worker_id: int) -> None:

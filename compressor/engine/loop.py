@@ -4,7 +4,7 @@
 The student (merged, all parameters trainable) learns from the mixed targets and from the
 unmerged teacher's logits on the same augmented batch. Everything a resume needs is in
 ``OUT/checkpoint.pt`` (see :mod:`compressor.engine.checkpoint`); ``OUT/compressed.pt`` and
-``OUT/best.pt`` are loadable with :func:`compressor.models.load_model`.
+``OUT/best.pt`` are loadable with :func:`compressor.load_model`.
 """
 
 from __future__ import annotations
@@ -19,11 +19,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import RmeetoError
-from ._progress import Reporter, StopFlag
-from ._setup import (CHECKPOINT, check_out_dir, describe, finish, load_resume, new_state, restore_state, save_outputs,
-                     save_training_checkpoint, seed_everything)
+from .._io import make_out_dir
+from ._build import lr_warning, make_student
+from ._cpu import cpu_threads
+from ._progress import Reporter, StopFlag, fmt_rate
+from ._setup import (CHECKPOINT, check_out_dir, describe, finish, fit_batch_to_memory, load_resume, new_state,
+                     restore_state, save_outputs, save_training_checkpoint, seed_everything)
 from ._state import FitResult, RunLog, TrainState
-from .data import check_data_dir
+from .data import auto_num_workers, check_data_dir
 from .distributed import Dist
 
 __all__ = [
@@ -104,12 +107,16 @@ def train_one_epoch(state: TrainState, loader, epoch: int, *, reporter: Reporter
     world_batch = loader.batch_size * state.dist.world_size
     total, n, stop = carry[0], carry[1], False
     reporter.start_epoch(epoch, state.epochs, steps, start)
-    t0 = time.perf_counter()
+    t0 = last = time.perf_counter()
     for images, targets in loader:
         loss_sum += train_step(state, images, targets)
         done, mine = done + 1, mine + 1
-        # the local stop flag is only acted on at agreed points when several ranks run
-        if done % state.log_every == 0 or done == steps or (state.stop.requested and not state.dist.enabled):
+        # the local stop flag (and the clock: ranks would disagree) is only acted on at agreed
+        # points when several ranks run; one process also reports every reporter.interval_s
+        alone = not state.dist.enabled
+        due = alone and (state.stop.requested or time.perf_counter() - last >= reporter.interval_s)
+        if done % state.log_every == 0 or done == steps or due:
+            last = time.perf_counter()
             part, count, stop = _agree(state, loss_sum, mine)
             total, n = carry[0] + part, carry[1] + count  # n counts rank-batches
             if not math.isfinite(total):
@@ -167,8 +174,10 @@ def fit(student, teacher, recipe, data_dir, out_dir, *, epochs=None, batch_size=
     ``student``: a model converted with ``recipe`` (or None: converted here from ``teacher``);
     ``teacher``: the pretrained model. Keyword arguments that are not None override the
     recipe's ``[retrain]`` values (command line > recipe > default; ``lr`` is the base lr for
-    a global batch of 512). ``device``: ``cpu``, ``cuda``, ``cuda:N`` or None (auto; under
-    torchrun ``cuda:LOCAL_RANK``). ``resume``: continue ``out_dir/checkpoint.pt``. ``no_aug``:
+    a global batch of 512; without ``num_workers`` the recipe's count is capped to the cores,
+    :func:`~compressor.engine.data.auto_num_workers`; without ``batch_size`` the recipe's batch
+    is lowered when its step would not fit in memory, :mod:`compressor.engine._memory`).
+    ``device``: ``cpu``, ``cuda``, ``cuda:N`` or None (auto; under torchrun ``cuda:LOCAL_RANK``). ``resume``: continue ``out_dir/checkpoint.pt``. ``no_aug``:
     deterministic resize + crop instead of the DeiT augmentation (debugging, tests).
 
     Raises :class:`RmeetoError` for bad inputs (before any work), :class:`NonFiniteLoss` and
@@ -180,14 +189,19 @@ def fit(student, teacher, recipe, data_dir, out_dir, *, epochs=None, batch_size=
     # command line > recipe > default: with_overrides keeps the recipe's value for None
     recipe = with_overrides(recipe if isinstance(recipe, Recipe) else load_recipe(recipe), epochs=epochs, batch_size=batch_size, lr=lr, distill=distill, seed=seed,
                             num_workers=num_workers)
-    if teacher is None or not hasattr(teacher, "cfg"):
-        raise RmeetoError("fit needs the pretrained model as teacher (from load_model or create_model)")
+    if num_workers is None:  # not asked for: the recipe's count is a ceiling, sized to this machine's cores
+        recipe = with_overrides(recipe, num_workers=auto_num_workers(recipe.retrain.num_workers))
+    from ..convert import ConvertedModel
+
+    if not isinstance(teacher, torch.nn.Module) or isinstance(teacher, ConvertedModel):
+        raise RmeetoError("fit needs the pretrained, unmerged model as teacher (from load_model, create_model or your own "
+                          "Vision Mamba)")
     d = init_distributed(device)
     reporter = Reporter(enabled=d.is_main, console=console)
     try:
-        with StopFlag(reporter) as stop:
+        with reporter, StopFlag(reporter) as stop, cpu_threads(d.device):
             return _fit(student, teacher, recipe, data_dir, out_dir, d, reporter, stop, resume=resume,
-                        log_every=max(1, log_every), no_aug=no_aug)
+                        log_every=max(1, log_every), no_aug=no_aug, explicit_batch=batch_size is not None)
     except KeyboardInterrupt:
         raise TrainingInterrupted(
             f"aborted by a second Ctrl-C without saving: {out_dir}/{CHECKPOINT} keeps the last complete checkpoint; "
@@ -197,19 +211,34 @@ def fit(student, teacher, recipe, data_dir, out_dir, *, epochs=None, batch_size=
         d.close()
 
 
-def _fit(student, teacher, recipe, data_dir, out_dir, d, reporter, stop, *, resume, log_every, no_aug) -> FitResult:
+def _fit(student, teacher, recipe, data_dir, out_dir, d, reporter, stop, *, resume, log_every, no_aug,
+         explicit_batch) -> FitResult:
+    # every check first (data, output folder, resume, loaders), the output folder created after
+    student = make_student(student if student is not None else teacher, recipe)
+    spec = check_data_dir(data_dir, num_classes=student.layout.num_classes)
     out = check_out_dir(out_dir, resume)
-    spec = check_data_dir(data_dir, num_classes=teacher.cfg.num_classes)
-    arch = teacher.cfg.replace(drop_path_rate=recipe.retrain.drop_path).to_dict()  # the student's
-    ckpt = load_resume(out / CHECKPOINT, recipe, arch, d.world_size) if resume else None
+    ckpt, changed = load_resume(out / CHECKPOINT, recipe, student.source(), d.world_size) if resume else (None, {})
+    if ckpt is not None and not explicit_batch and "batch_size" in changed:
+        from ..recipes import with_overrides  # no --batch-size: the run keeps its own batch (maybe fitted to the memory)
+
+        recipe = with_overrides(recipe, batch_size=changed.pop("batch_size")[0])
+    # the batch against the memory, before any loader or step; a resumed run's batch is as if asked for
+    recipe = fit_batch_to_memory(student, recipe, d, explicit=explicit_batch or ckpt is not None, reporter=reporter)
     state, (train_loader, val_loader), teacher = new_state(student, teacher, recipe, spec, d, stop,
                                                            log_every=log_every, no_aug=no_aug)
+    if d.is_main:
+        make_out_dir(out)
+    d.barrier()
     steps = len(train_loader)
     reporter.line(describe(state, recipe, steps))
+    warning = lr_warning(recipe.retrain, d.world_size)
+    if warning:
+        reporter.line(f"[yellow]{warning}[/yellow]")
     run, start, carry = RunLog(), 0, (0.0, 0)
     t_begin = time.perf_counter()
     if ckpt is None:
         seed_everything(recipe.retrain.seed + d.rank)
+        reporter.status("evaluating the original and the merged model before re-training")
         run.baseline = {  # the summary's first two rows; stored, so a resume does not redo them
             "original": evaluate(teacher, val_loader, device=d.device, amp_dtype=state.amp_dtype, dist=d),
             "training_free": evaluate(state.student, val_loader, device=d.device, amp_dtype=state.amp_dtype, dist=d),
@@ -217,7 +246,8 @@ def _fit(student, teacher, recipe, data_dir, out_dir, d, reporter, stop, *, resu
         reporter.line(_baseline_line(run.baseline))
         save_training_checkpoint(out, state, recipe, run)  # epoch 0: a NaN in epoch 1 still leaves one
     else:
-        start, carry = restore_state(state, ckpt, recipe, run, reporter, out / CHECKPOINT)
+        start, carry = restore_state(state, ckpt, recipe, run, reporter, out / CHECKPOINT, steps=steps,
+                                     samples=len(train_loader.sampler), changed=changed)
     t_session = t_begin - run.elapsed  # wall time accumulates over resumed sessions
     for epoch in range(state.epoch, state.epochs):
         _set_epoch(train_loader, epoch, start, recipe.retrain.seed, d.rank)
@@ -237,6 +267,7 @@ def _fit(student, teacher, recipe, data_dir, out_dir, d, reporter, stop, *, resu
             raise TrainingInterrupted(
                 f"stopped at epoch {epoch + 1}, step {result.done}/{steps}: saved {out / CHECKPOINT}; continue with --resume"
             )
+        reporter.status(f"evaluating after epoch {epoch + 1}")
         metrics = evaluate(state.student, val_loader, device=d.device, amp_dtype=state.amp_dtype, dist=d)
         record = _record(epoch, result, metrics, time.perf_counter() - t_epoch, time.perf_counter() - t_session)
         if state.ema is not None:
@@ -249,6 +280,7 @@ def _fit(student, teacher, recipe, data_dir, out_dir, d, reporter, stop, *, resu
             run.best_top1, run.best_epoch = metrics["top1"], epoch + 1
         save_outputs(out, state, recipe, run, best=improved)
         reporter.line(_epoch_line(record, state.epochs))
+        reporter.status("")
         if d.all_reduce([float(stop.requested)], op="max")[0] > 0:  # all ranks stop together
             raise TrainingInterrupted(f"stopped after epoch {epoch + 1}: saved {out / CHECKPOINT}; continue with --resume")
     return finish(out, state, recipe, run, reporter)
@@ -275,7 +307,7 @@ def _epoch_line(rec: dict, epochs: int) -> str:
     return (
         f"epoch {rec['epoch']}/{epochs}  train loss {rec['train_loss']:.4f}  lr {rec['lr']:.2e}  "
         f"val top-1 {rec['val_top1']:.2f}  top-5 {rec['val_top5']:.2f}  loss {rec['val_loss']:.4f}  "
-        f"{rec['images_per_s']:.0f} img/s  {rec['time_s']:.1f}s"
+        f"{fmt_rate(rec['images_per_s'])} img/s  {rec['time_s']:.1f}s"
     )
 
 

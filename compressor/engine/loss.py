@@ -1,5 +1,5 @@
 """The re-training loss: classification on the (mixed) targets plus distillation from the
-unmerged teacher, as the paper trains (rmeeto-spec.md, "Re-training")::
+unmerged teacher, as the R-MeeTo paper re-trains::
 
     loss = CE(student, targets) + w · T² · KL(softmax(teacher / T) ‖ softmax(student / T))
 

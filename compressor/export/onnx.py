@@ -41,11 +41,11 @@ import torch
 import torch.nn as nn
 from google.protobuf.message import DecodeError
 
-from .. import __version__, ops
+from .. import ops
+from .._version import __version__
 from .._io import atomic_write
 from ..errors import RmeetoError, ShapeError
 from ..merge.schedule import tokens_per_layer
-from ..models.config import VimConfig
 from ..models.vim import BiMambaMixer, RMSNorm, set_backend
 from ._graph import block_node_counts, light_optimize
 from ._runtime import check_chains, make_session
@@ -100,7 +100,8 @@ def export_onnx(model: nn.Module, path, *, opset: int | None = None, batch: int 
     model above ``rtol`` (default 1e-4, 1e-2 for fp16) raises :class:`RmeetoError` and leaves
     nothing at ``path``. On success the file is renamed into place.
     """
-    cfg = _config_of(model)
+    model = _as_converted(model)
+    cfg = model.layout
     path = Path(path)
     if batch < 1:
         raise RmeetoError(f"batch must be >= 1, got {batch}")
@@ -115,7 +116,7 @@ def export_onnx(model: nn.Module, path, *, opset: int | None = None, batch: int 
         raise RmeetoError(f"unknown scan form {scan!r}: choose one of {', '.join(ops.EXPORT_SCANS)}")
     dtype = torch.float16 if fp16 else torch.float32
     tol = DEFAULT_RTOL[dtype] if rtol is None else rtol
-    shape = (batch, cfg.in_chans, cfg.img_size, cfg.img_size)
+    shape = (batch, *cfg.input_shape)
     ref_model = model if _dtype_of(model) == torch.float32 else copy.deepcopy(model).float()
     out_model = copy.deepcopy(ref_model).half() if fp16 else ref_model
     probes = _probes(cfg, batch, dynamic_batch, inputs) if check else []
@@ -155,11 +156,14 @@ def export_onnx(model: nn.Module, path, *, opset: int | None = None, batch: int 
 # export
 
 
-def _config_of(model) -> VimConfig:
-    cfg = getattr(model, "cfg", None)
-    if not isinstance(model, nn.Module) or not isinstance(cfg, VimConfig):
-        raise RmeetoError(f"export_onnx expects a VisionMamba or a model from compressor.convert, got {type(model).__name__}")
-    return cfg
+def _as_converted(model):
+    """A converted model as it is; a plain one converted with the recipe ``none`` (bit-exact),
+    so that every export reads its input shape and token layout the same way."""
+    from ..convert import ConvertedModel, convert
+
+    if not isinstance(model, nn.Module):
+        raise RmeetoError(f"export_onnx expects a Vision Mamba module, got {type(model).__name__}")
+    return model if isinstance(model, ConvertedModel) else convert(model, "none")
 
 
 def _dtype_of(model: nn.Module) -> torch.dtype:
@@ -204,18 +208,17 @@ def _export(model: nn.Module, shape: tuple, opset: int | None, dynamic_batch: bo
     return program
 
 
-def _metadata(model, cfg: VimConfig, shape: tuple, dynamic_batch: bool, dtype: torch.dtype, scan: str) -> dict[str, str]:
-    steps = list(getattr(model, "steps", []))
-    recipe = getattr(model, "recipe", None)
+def _metadata(model, cfg, shape: tuple, dynamic_batch: bool, dtype: torch.dtype, scan: str) -> dict[str, str]:
+    steps, recipe = model.steps, model.recipe
     return {
         "rmeeto.version": __version__,
-        "rmeeto.family": cfg.family,
+        "rmeeto.family": model.cfg.family if model.cfg is not None else "foreign",
         "rmeeto.img_size": str(cfg.img_size),
         "rmeeto.in_chans": str(cfg.in_chans),
         "rmeeto.input_shape": "x".join(["N" if dynamic_batch else str(shape[0]), *map(str, shape[1:])]),
         "rmeeto.dtype": str(dtype).removeprefix("torch."),
         "rmeeto.scan": scan,
-        "rmeeto.recipe": recipe.name if recipe is not None else "none",
+        "rmeeto.recipe": recipe.name,
         "rmeeto.tokens": ",".join(map(str, tokens_per_layer(steps, cfg.num_tokens, cfg.depth))),
         "rmeeto.num_classes": str(cfg.num_classes),
     }
@@ -236,17 +239,17 @@ def _opset_of(model: onnx.ModelProto) -> int:
 # parity and latency with ONNX Runtime
 
 
-def _probes(cfg: VimConfig, batch: int, dynamic_batch: bool, inputs) -> list[torch.Tensor]:
+def _probes(cfg, batch: int, dynamic_batch: bool, inputs) -> list[torch.Tensor]:
     """Seeded random images at the export batch (and one other batch when it is dynamic), then
     ``inputs`` cut into batches the graph accepts."""
     g = torch.Generator().manual_seed(0)
     sizes = (batch, batch + 2) if dynamic_batch else (batch,)
-    probes = [torch.randn(n, cfg.in_chans, cfg.img_size, cfg.img_size, generator=g) for n in sizes]
+    probes = [torch.randn(n, *cfg.input_shape, generator=g) for n in sizes]
     if inputs is None:
         return probes
     inputs = torch.as_tensor(inputs).detach().float().cpu()
-    want = (cfg.in_chans, cfg.img_size, cfg.img_size)
-    if inputs.dim() != 4 or tuple(inputs.shape[1:]) != want:
+    want = tuple(cfg.input_shape)
+    if inputs.dim() != len(want) + 1 or tuple(inputs.shape[1:]) != want:
         raise ShapeError(f"inputs must be (N, {', '.join(map(str, want))}) images for this model, got {tuple(inputs.shape)}")
     if dynamic_batch:
         return probes + [inputs]

@@ -68,7 +68,12 @@ class TokenMerge(nn.Module):
         return (ok and inference_merge_impl("auto", hidden.device.type) == "triton" and not needs_grad
                 and not torch.compiler.is_compiling())
 
-    def forward(self, hidden, residual, size=None):
+    def forward(self, hidden, residual=None, size=None):
+        """``residual`` None: blocks that keep the residual inside (``block(hidden) -> hidden``);
+        it comes back None. The merge is computed as if the hidden states were the residual too."""
+        if residual is None:
+            hidden, _, size = self.forward(hidden, hidden, size)
+            return hidden, None, size
         self._check(hidden)
         if self._use_fast(hidden, residual):
             return fast.fast_merge(hidden, residual, size, self.r, self.cls_in, self.cls_out, prune=self.prune)

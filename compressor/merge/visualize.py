@@ -3,14 +3,14 @@
 
 :func:`merge_sources` runs a converted model with a :class:`torch.fx.Interpreter` that, at every
 :class:`~compressor.merge.module.TokenMerge` node, asks the node for its matching and applies the
-same merge to a running one-hot membership tensor. :func:`render_merges` paints each final token's
-patches in one colour over the image. :func:`visualize` is what ``rmeeto visualize`` calls.
+same merge to a running one-hot membership tensor. :func:`render_merges` draws each merged token
+(several patches) in one colour, outlined, over the image. :func:`compressor.visualize.visualize`
+(loading a checkpoint and converting it) is what ``rmeeto visualize`` calls.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ from ..errors import RmeetoError
 from .bipartite import merge_source
 from .module import TokenMerge
 
-__all__ = ["merge_sources", "render_merges", "load_images", "visualize", "VisualizeResult", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["merge_sources", "render_merges", "merges_figure", "image_label", "load_images", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -48,16 +48,16 @@ def merge_sources(gm: fx.GraphModule, images: torch.Tensor) -> torch.Tensor:
     0/1: entry ``[i, t, p]`` says that final token ``t`` holds patch ``p`` (row-major grid order).
     The class token is tracked like any token, but its column is dropped, so its row is all zero.
     In ``merge`` mode every patch is in exactly one final token; ``prune`` drops some."""
-    cfg = getattr(gm, "cfg", None)
-    if cfg is None:
+    layout = getattr(gm, "layout", None)
+    if layout is None:
         raise RmeetoError("merge_sources expects a module returned by compressor.convert (or load_model of a compressed file)")
-    b, L = images.shape[0], cfg.num_tokens
+    b, L = images.shape[0], layout.num_tokens
     source = torch.eye(L, device=images.device).expand(b, L, L).contiguous()
     tracker = _SourceTracker(gm, source)
     tracker.run(images)
     source = tracker.source
-    if cfg.cls_index is not None:
-        source = torch.cat([source[..., : cfg.cls_index], source[..., cfg.cls_index + 1 :]], dim=-1)
+    if layout.cls_index is not None:
+        source = torch.cat([source[..., : layout.cls_index], source[..., layout.cls_index + 1 :]], dim=-1)
     return source
 
 
@@ -72,54 +72,80 @@ def _colours(n: int, seed: int = 0) -> np.ndarray:
     return mcolors.hsv_to_rgb(np.stack([hue[rng.permutation(n)], sat, val], axis=-1))
 
 
-def _overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """``image: (h, w, 3)`` in [0, 1], ``labels: (grid, grid)`` token id per patch (-1: dropped)
-    → image averaged with one colour per token, token borders drawn in white."""
-    h, w, _ = image.shape
+def _token_layer(labels: np.ndarray, size: int, alpha: float = 0.4) -> np.ndarray:
+    """``labels: (grid, grid)`` token id per patch (-1: dropped) → an ``(size, size, 4)`` RGBA
+    layer to draw over the image: each token that holds several patches in its own colour at
+    ``alpha``, a white outline around it, dropped patches dark; single-patch tokens transparent
+    (the image shows through where nothing was merged)."""
     g = labels.shape[0]
-    rows = np.minimum(np.arange(h) * g // h, g - 1)
-    cols = np.minimum(np.arange(w) * g // w, g - 1)
-    pix = labels[rows][:, cols]  # (h, w)
-    palette = np.concatenate([_colours(int(labels.max()) + 1), np.zeros((1, 3))])  # -1 → black
-    out = (1 - alpha) * image + alpha * palette[pix]
-    edge = np.zeros((h, w), dtype=bool)
-    edge[:, 1:] |= pix[:, 1:] != pix[:, :-1]
-    edge[1:, :] |= pix[1:, :] != pix[:-1, :]
-    out[edge] = 1.0
-    return np.clip(out, 0.0, 1.0)
+    idx = np.minimum(np.arange(size) * g // size, g - 1)
+    pix = labels[idx][:, idx]  # (size, size) token id per pixel
+    ids, counts = np.unique(labels[labels >= 0], return_counts=True)
+    merged = np.zeros(int(labels.max()) + 2, dtype=bool)  # index -1 (dropped) is the last slot
+    merged[ids[counts > 1]] = True
+    palette = np.concatenate([_colours(int(labels.max()) + 1), np.zeros((1, 3))])
+    layer = np.zeros((size, size, 4))
+    layer[..., :3] = palette[pix]
+    layer[..., 3] = np.where(pix < 0, 0.75, np.where(merged[pix], alpha, 0.0))
+    m = merged[pix]
+    edge = np.zeros((size, size), dtype=bool)  # a token border with a merged token on either side
+    edge[:, 1:] |= (pix[:, 1:] != pix[:, :-1]) & (m[:, 1:] | m[:, :-1])
+    edge[1:, :] |= (pix[1:, :] != pix[:-1, :]) & (m[1:, :] | m[:-1, :])
+    layer[edge] = (1.0, 1.0, 1.0, 1.0)
+    return layer
 
 
-def render_merges(images: torch.Tensor, sources: torch.Tensor, grid: int, path: str | os.PathLike, titles=None) -> Path:
-    """Write a PNG: for each image, the original beside its patches painted by final token.
+def image_label(path) -> str:
+    """A panel title for an image file: its class folder (ImageFolder layout) and its name,
+    e.g. ``cat (0000.jpg)``; just the name for a file without a folder."""
+    p = Path(path)
+    parent = p.parent.name
+    return f"{parent} ({p.name})" if parent not in ("", ".") else p.name
+
+
+def render_merges(images: torch.Tensor, sources: torch.Tensor, grid: int, path: str | os.PathLike, titles=None,
+                  columns: int = 4) -> Path:
+    """Write :func:`merges_figure` as a PNG to ``path`` (atomically)."""
+    from .._io import atomic_write
+
+    fig = merges_figure(images, sources, grid, titles, columns)
+    return atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100, bbox_inches="tight", pad_inches=0.15))
+
+
+def merges_figure(images: torch.Tensor, sources: torch.Tensor, grid: int, titles=None, columns: int = 4):
+    """One panel per image: the image with its merged tokens drawn over it (one colour and a white
+    outline per token that holds several patches; see :func:`_token_layer`), titled with
+    ``titles[i]`` (e.g. :func:`image_label`: the class folder) and the token count.
 
     ``images: (b, 3, h, w)`` RGB in [0, 1] (not normalised); ``sources: (b, L_final, grid²)`` from
-    :func:`merge_sources`; ``titles``: optional label per image."""
+    :func:`merge_sources`."""
     # a Figure on an Agg canvas, not pyplot: no global backend switch, no window, thread-safe
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from .._io import atomic_write
-
     b = images.shape[0]
     if sources.shape[0] != b or sources.shape[-1] != grid * grid:
         raise RmeetoError(f"sources {tuple(sources.shape)} do not fit {b} images on a {grid}x{grid} patch grid")
-    fig = Figure(figsize=(6, 3 * b))
+    cols = min(b, columns)
+    rows = -(-b // cols)
+    fig = Figure(figsize=(3.2 * cols, 3.6 * rows), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(b, 2, squeeze=False)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for i in range(b):
         img = images[i].detach().permute(1, 2, 0).clamp(0, 1).cpu().numpy()
         src = sources[i].detach().cpu()
         held = src.sum(0) > 0  # patches still in some token (prune mode drops some)
         labels = np.where(held.numpy(), src.argmax(0).numpy(), -1).reshape(grid, grid)
-        kept = int((src.sum(-1) > 0).sum())
-        axes[i, 0].imshow(img)
-        axes[i, 0].set_title(titles[i] if titles else "image", fontsize=9)
-        axes[i, 1].imshow(_overlay(img, labels))
-        axes[i, 1].set_title(f"{kept} patch tokens after merging ({grid * grid} before)", fontsize=9)
-        for ax in axes[i]:
-            ax.axis("off")
-    fig.tight_layout()
-    return atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
+        sizes = src.sum(-1)
+        kept, groups, dropped = int((sizes > 0).sum()), int((sizes > 1).sum()), int((~held).sum())
+        axes[i].imshow(img)
+        axes[i].imshow(_token_layer(labels, img.shape[0]), extent=(-0.5, img.shape[1] - 0.5, img.shape[0] - 0.5, -0.5))
+        title = titles[i] if titles else f"image {i}"
+        what = f"{groups} merged" + (f", {dropped} dropped" if dropped else "")
+        axes[i].set_title(f"{title}\n{kept} patch tokens from {grid * grid}: {what}", fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    return fig
 
 
 def load_images(paths, img_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,36 +171,3 @@ def load_images(paths, img_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     rgb = torch.stack(out)
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return rgb, (rgb - mean) / std
-
-
-@dataclass
-class VisualizeResult:
-    path: Path
-    tokens: int  # final tokens, class token included
-    patches: int
-    notes: list[str] = field(default_factory=list)
-
-
-def visualize(ckpt, images, out, recipe=None, family: str = "vim", ema: bool = False) -> VisualizeResult:
-    """Load ``ckpt`` (an official checkpoint, converted with ``recipe``, default ``r031``; or a
-    compressed one, used as it is), track the merges on ``images`` (file paths) and write the PNG
-    ``out``."""
-    from ..convert import convert
-    from ..models.checkpoint import load_model
-
-    if not images:
-        raise RmeetoError("no images given: pass one or more image files")
-    notes = []
-    model = load_model(ckpt, family=family, ema=ema)
-    if isinstance(model, fx.GraphModule):
-        gm = model
-        if recipe is not None:
-            notes.append(f"{ckpt} is already compressed (recipe {gm.recipe.name}): --recipe {recipe} ignored")
-    else:
-        gm = convert(model, recipe or "r031")
-    if gm.cfg.in_chans != 3:
-        raise RmeetoError(f"the model takes {gm.cfg.in_chans}-channel inputs: visualize needs an RGB model")
-    rgb, x = load_images(images, gm.cfg.img_size)
-    sources = merge_sources(gm.eval(), x)
-    path = render_merges(rgb, sources, gm.cfg.grid, out, titles=[Path(p).name for p in images])
-    return VisualizeResult(path=path, tokens=sources.shape[1], patches=sources.shape[-1], notes=notes)

@@ -3,7 +3,7 @@
 from .config import VimConfig
 from .registry import create_model, get_config, list_models, register
 from .vim import BiMambaMixer, Block, RMSNorm, TokenReadout, VisionMamba, set_backend
-from .checkpoint import infer_config, load_model, read_checkpoint
+from .checkpoint import infer_config, load_official, read_checkpoint
 
 __all__ = [
     "VimConfig",
@@ -17,7 +17,7 @@ __all__ = [
     "list_models",
     "register",
     "set_backend",
-    "load_model",
+    "load_official",
     "read_checkpoint",
     "infer_config",
 ]

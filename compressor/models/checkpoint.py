@@ -30,8 +30,9 @@ __all__ = [
     "read_checkpoint",
     "extract_state_dict",
     "infer_config",
-    "load_model",
+    "load_official",
     "describe_checkpoint",
+    "family_from_model_name",
 ]
 
 log = logging.getLogger(__name__)
@@ -282,17 +283,19 @@ def _stride(img_size: int, patch: int, grid: int) -> int:
 # building the model
 
 
-def load_model(path, family: str = "vim", ema: bool = False, backend: str = "auto", **overrides) -> VisionMamba:
-    """A Vision Mamba in eval mode with the weights of checkpoint ``path``.
+def load_official(path, family: str = "vim", ema: bool = False, backend: str = "auto", obj: dict | None = None,
+                  **overrides) -> VisionMamba:
+    """A Vision Mamba in eval mode with the weights of the official checkpoint ``path``.
 
     The architecture is inferred from the shapes (:func:`infer_config`); ``family`` says Vim or
     VideoMamba, ``ema`` selects ``model_ema``, ``backend`` the op backend; ``overrides`` replace
-    config fields (``img_size``, ``num_classes``, ``drop_path_rate``, ...). rmeeto's own compressed
-    checkpoints (with ``rmeeto_format``) are handed to :func:`compressor.convert.load_compressed_payload`.
+    config fields (``img_size``, ``num_classes``, ``drop_path_rate``, ...). ``obj``: the file's
+    contents when the caller has read it already (:func:`read_checkpoint`). rmeeto's compressed
+    files are read by :func:`compressor.loading.load_model`, the one loading entry of the package.
     """
-    obj = read_checkpoint(path)
+    obj = read_checkpoint(path) if obj is None else obj
     if "rmeeto_format" in obj:
-        return _load_compressed(obj, path, family=family, ema=ema, backend=backend, **overrides)
+        raise CheckpointError(f"{path} is an rmeeto compressed checkpoint: load it with compressor.load_model")
     sd, note = extract_state_dict(obj, ema=ema)
     if note:
         log.info("%s: %s", path, note)
@@ -300,18 +303,6 @@ def load_model(path, family: str = "vim", ema: bool = False, backend: str = "aut
     model = VisionMamba(cfg)
     _load_strict(model, sd, overrides)
     return set_backend(model, backend).eval()
-
-
-def _load_compressed(obj: dict, path, **kw):
-    """Hook for rmeeto's compressed checkpoints: the convert module owns their format."""
-    try:
-        from ..convert import load_compressed_payload
-    except ImportError as e:
-        raise CheckpointError(
-            f"{path} is an rmeeto compressed checkpoint (format {obj['rmeeto_format']!r}) but this install cannot "
-            f"read it ({e}): upgrade rmeeto"
-        ) from e
-    return load_compressed_payload(obj, **kw)
 
 
 def _load_strict(model: VisionMamba, sd: dict, overrides: dict) -> None:
@@ -350,24 +341,25 @@ def _mismatch(expected: dict, found: dict, overrides: dict) -> str:
 # describing a file (``rmeeto info``)
 
 
-def describe_checkpoint(path, family: str | None = None, ema: bool = False) -> dict:
-    """What ``rmeeto info`` shows: the inferred architecture and facts about the file.
+def describe_checkpoint(path, family: str | None = None, ema: bool = False, obj: dict | None = None) -> dict:
+    """What ``rmeeto info`` shows of an official checkpoint: the inferred architecture and facts
+    about the file (``obj``: its contents, when already read).
 
-    With ``family=None`` a Vim layout is read as Vim and ``ambiguous`` says it could as well be
-    VideoMamba (the two share every key and shape).
+    With ``family=None`` the family is the one the checkpoint's ``args.model`` names (official
+    training checkpoints); without that, a Vim layout is read as Vim and ``ambiguous`` says it
+    could as well be VideoMamba (the two share every key and shape).
     """
-    obj = read_checkpoint(path)
+    obj = read_checkpoint(path) if obj is None else obj
     info = {"path": str(path), "top_level_keys": [str(k) for k in obj], "has_ema": isinstance(obj.get("model_ema"), dict)}
-    info.update(epoch=obj.get("epoch"), model_name=_args_model(obj.get("args")), backend=_auto_backend(),
-                merge_impl=_auto_merge_impl())
-    if "rmeeto_format" in obj:
-        return {**info, "rmeeto_format": obj["rmeeto_format"], "family": obj.get("family", family)}
+    info.update(epoch=obj.get("epoch"), model_name=_args_model(obj.get("args")))
     sd, note = extract_state_dict(obj, ema=ema)
-    cfg = infer_config(sd, family or "vim")
-    ambiguous = family is None and cfg.cls_position != "none"
+    named = family_from_model_name(info["model_name"])
+    cfg = infer_config(sd, family or named or "vim")
+    ambiguous = family is None and named is None and cfg.cls_position != "none"
     info.update(
         rmeeto_format=None,
-        family=family,
+        family=family or named,
+        family_source="--family" if family else ("args.model" if named else None),
         config=cfg,
         parameters=sum(v.numel() for v in sd.values()),
         tokens=cfg.num_tokens,
@@ -380,30 +372,17 @@ def describe_checkpoint(path, family: str | None = None, ema: bool = False) -> d
     return info
 
 
+def family_from_model_name(name: str | None) -> str | None:
+    """The family an official training run's ``args.model`` names (``vim_tiny_patch16_224_...`` →
+    ``vim``, ``videomamba_small`` → ``videomamba``); None when it names neither."""
+    low = (name or "").lower()
+    for family in FAMILIES:
+        if low.startswith(family):
+            return family
+    return None
+
+
 def _args_model(args) -> str | None:
     """``args.model`` of an official training checkpoint (a Namespace, sometimes a dict)."""
     value = args.get("model") if isinstance(args, dict) else getattr(args, "model", None)
     return value if isinstance(value, str) else None
-
-
-def _auto_merge_impl() -> str:
-    """What ``TokenMerge.impl='auto'`` runs for inference here."""
-    from ..merge import inference_merge_impl
-
-    if not torch.cuda.is_available():
-        return "torch reference (no CUDA device)"
-    if inference_merge_impl("auto", "cuda") == "triton":
-        return "triton (3 kernels per merge) for inference on GPU, torch reference for training / CPU / export"
-    return "torch reference (Triton not installed)"
-
-
-def _auto_backend() -> str:
-    """What ``backend='auto'`` resolves to for a model on this machine's default device."""
-    from .. import ops
-
-    if not torch.cuda.is_available():
-        return "ref (no CUDA device: pure-PyTorch reference scan)"
-    if all(ops.kernels_available().values()):
-        return "cuda (mamba-ssm / causal-conv1d kernels) on GPU, ref on CPU"
-    return "chunked on GPU (kernels not installed), ref on CPU"
-

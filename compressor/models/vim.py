@@ -11,13 +11,32 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from timm.layers import DropPath, trunc_normal_
+from torch.nn.init import trunc_normal_
 
 from .. import ops
 from .config import VimConfig
 
-__all__ = ["VisionMamba", "BiMambaMixer", "Block", "RMSNorm", "TokenReadout", "set_backend"]
+__all__ = ["VisionMamba", "BiMambaMixer", "Block", "DropPath", "RMSNorm", "TokenReadout", "set_backend"]
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: in training, zero each sample's branch with probability ``p`` and scale
+    the kept ones by ``1 / (1 - p)``; the identity in eval mode. (Defined here rather than taken
+    from timm: importing timm.layers costs seconds at start-up, for one line of arithmetic.)"""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask.div_(keep) if keep > 0.0 else x * mask
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
 
 class RMSNorm(nn.Module):
@@ -59,28 +78,17 @@ class BiMambaMixer(nn.Module):
         for dt_proj in (self.dt_proj, self.dt_proj_b):
             _init_dt_proj(dt_proj, r)
 
-    def _direction(self, x, z, conv, x_proj, dt_proj, a_log, d_skip):
-        """One scan direction. ``x, z: (b, e, l)`` → ``(b, e, l)``."""
-        x = ops.causal_conv1d(x, conv.weight.squeeze(1), conv.bias, activation="silu", backend=self.backend)
-        x_dbl = F.linear(x.transpose(1, 2), x_proj.weight)  # (b, l, r + 2n)
-        dt, b_ssm, c_ssm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = dt_proj.weight @ dt.transpose(1, 2)  # (b, e, l) with l contiguous; bias added in the scan
-        return ops.selective_scan(
-            x, delta, -torch.exp(a_log.float()), b_ssm.transpose(1, 2), c_ssm.transpose(1, 2),
-            d_skip.float(), z, delta_bias=dt_proj.bias.float(), delta_softplus=True, backend=self.backend,
-        )
+    def _params(self, backward: bool) -> ops.Direction:
+        """One direction's parameters (the ``_b`` set when ``backward``)."""
+        sfx = "_b" if backward else ""
+        conv, x_proj, dt_proj = getattr(self, "conv1d" + sfx), getattr(self, "x_proj" + sfx), getattr(self, "dt_proj" + sfx)
+        a_log, d_skip = (self.A_b_log, self.D_b) if backward else (self.A_log, self.D)
+        return ops.Direction(conv.weight.squeeze(1), conv.bias, x_proj.weight, dt_proj.weight, dt_proj.bias, a_log, d_skip)
 
     def forward(self, h):
-        """``h: (b, l, d)`` → ``(b, l, d)``."""
-        # (b, 2e, l) with l contiguous, the layout the scan kernels want (as the official code)
-        xz = self.in_proj.weight @ h.transpose(1, 2)
-        x, z = xz.chunk(2, dim=1)
-        y_f = self._direction(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
-        y_b = self._direction(x.flip(-1), z.flip(-1), self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b)
-        y = y_f + y_b.flip(-1)
-        if self.divide_out:
-            y = y / 2
-        return self.out_proj(y.transpose(1, 2))
+        """``h: (b, l, d)`` → ``(b, l, d)``; everything but ``out_proj`` is :func:`ops.bimamba_inner`."""
+        y = ops.bimamba_inner(h, self.in_proj.weight, self._params(False), self._params(True), self.divide_out, self.backend)
+        return self.out_proj(y)
 
 
 class Block(nn.Module):
@@ -193,7 +201,7 @@ def _init_dt_proj(dt_proj: nn.Linear, dt_rank: int, dt_min=1e-3, dt_max=0.1, flo
 
 
 def set_backend(module: nn.Module, backend: str) -> nn.Module:
-    """Select the op backend (``auto``, ``ref``, ``chunked``, ``cuda``) of every Mamba op in
+    """Select the op backend (``auto``, ``ref``, ``chunked``, ``cuda``, ``triton``) of every Mamba op in
     ``module`` (a model or a converted GraphModule). Returns ``module``."""
     if backend not in ops.BACKENDS:
         from ..errors import BackendUnavailable

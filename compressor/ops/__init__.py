@@ -1,17 +1,24 @@
 """The hot ops of a Mamba block behind one dispatcher.
 
 Backends:
-- ``ref``: sequential pure-PyTorch scan (fp32 accumulation). Forward and backward on any device.
+- ``ref``: sequential pure-PyTorch scan (fp32 accumulation). Forward and backward on any device;
+  the backward keeps ``O(b·d·l)`` and recomputes states chunk by chunk (``_scan_lean``).
 - ``chunked``: two-level chunked scan (~2√l loop steps, standard ops): few launches on a GPU
-  without kernels.
+  without kernels; the same lean backward.
 - ``ssd``: loop-free chunked state-space form (matmuls and element-wise ops, no loop at all);
   exported without control flow (what ONNX Runtime can capture in a CUDA graph).
 - ``loop``: the reference recurrence; exported as one ONNX ``Scan`` node over the tokens (the
   default export form: fastest on ONNX Runtime's CPU provider, smallest graph).
 - ``cuda``: mamba-ssm / causal-conv1d kernels (and the fused add+RMSNorm Triton kernel).
-- ``auto``: ``cuda`` for CUDA tensors when the kernels import, ``chunked`` for other CUDA
-  tensors, ``ref`` on CPU (measured fastest there: it moves the fewest bytes); while exporting,
-  the scan form named by :data:`EXPORT_SCAN_DEFAULT` (``loop``).
+- ``triton``: rmeeto's own Triton kernels (no compile step; Triton ships with torch on Linux)
+  for :func:`bimamba_inner` (the whole bidirectional mixer but ``out_proj``, forward and
+  backward) and :func:`add_rms_norm`; the standalone :func:`selective_scan` and
+  :func:`causal_conv1d` run ``cuda`` or ``chunked`` under it.
+- ``auto``: on CUDA tensors the first present of :data:`AUTO_CUDA_ORDER` (fastest first, as
+  measured: docs/benchmarks.md), ``ref`` on CPU (measured fastest there: it moves the fewest
+  bytes; benchmarks/bench_cpu_retrain.py); while exporting, the scan form named by
+  :data:`EXPORT_SCAN_DEFAULT` (``loop``; the pure-PyTorch scans then use their plain autograd
+  forms).
 
 Export forms (:data:`EXPORT_SCANS`, ``rmeeto export --scan``): ``loop``, ``ssd``, ``chunked``
 (and ``ref``, unrolled per token: a graph of thousands of nodes). Measured in
@@ -24,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BackendUnavailable
-from . import _kernels
+from . import _kernels, _triton_bimamba
+from ._bimamba import Direction, bimamba_inner_ref
 from ._scan_chunked import selective_scan_chunked
 from ._scan_onnx import CUSTOM_OPS, onnx_translation, translating
 from ._scan_ref import selective_scan_ref
@@ -44,9 +52,20 @@ __all__ = [
     "causal_conv1d_ref",
     "add_rms_norm",
     "kernels_available",
+    "bimamba_inner",
+    "bimamba_inner_ref",
+    "Direction",
+    "AUTO_CUDA_ORDER",
 ]
 
-BACKENDS = ("auto", "ref", "chunked", "ssd", "loop", "cuda")
+BACKENDS = ("auto", "ref", "chunked", "ssd", "loop", "cuda", "triton")
+#: What ``auto`` picks on CUDA tensors, fastest first; ``triton`` only for the ops it implements.
+#: Measured on an H200 (docs/benchmarks.md, section 8): ``triton`` x3.5 (Vim-S) and x3.0 (Vim-Ti)
+#: over ``cuda`` at batch 128 fp16, x1.06 for Vim-S at batch 1 in a CUDA graph, x1.1-1.25 for the
+#: bf16 re-training step; ``cuda`` stays faster for Vim-Ti at batch 1 (2.53 vs 3.01 ms), pick it
+#: explicitly there. ``chunked`` is ~15x slower than ``cuda`` (section 1, H100).
+AUTO_CUDA_ORDER = ("triton", "cuda", "chunked")
+_TRITON_OPS = ("bimamba_inner", "rms_norm_fn")
 #: scan forms an ONNX export can be written with; the default was measured fastest on ONNX
 #: Runtime's CPU provider; ``ssd`` has no control flow (for CUDA graphs on the CUDA provider)
 EXPORT_SCANS = ("loop", "ssd", "chunked", "ref")
@@ -63,28 +82,52 @@ def _exporting() -> bool:
     return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
 
 
-def resolve_backend(backend: str, x: torch.Tensor, kernel: str = "selective_scan_fn") -> str:
-    """Turn ``auto`` into a concrete backend for tensor ``x``; check an explicit ``cuda``."""
+def _cuda_kernels(kernel: str) -> tuple[str, ...]:
+    return ("selective_scan_fn", "causal_conv1d_fn") if kernel == "bimamba_inner" else (kernel,)
+
+
+def _present(backend: str, kernel: str) -> bool:
+    if backend == "triton":
+        return kernel in _TRITON_OPS and _triton_bimamba.available()
+    if backend == "cuda":
+        return all(_kernels.load(k) is not None for k in _cuda_kernels(kernel))
+    return True
+
+
+def resolve_backend(backend: str, x: torch.Tensor, kernel: str = "bimamba_inner") -> str:
+    """Turn ``auto`` into a concrete backend for tensor ``x`` and op ``kernel``; check an
+    explicit ``cuda`` or ``triton``."""
     if backend not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if _exporting():
-        return EXPORT_SCAN_DEFAULT if backend in ("auto", "cuda") else backend
+        return EXPORT_SCAN_DEFAULT if backend in ("auto", "cuda", "triton") else backend
     if backend == "auto":
         if not x.is_cuda:
             return "ref"
-        return "cuda" if _kernels.load(kernel) is not None else "chunked"
+        return next(b for b in AUTO_CUDA_ORDER if _present(b, kernel))
     if backend == "cuda":
-        if _kernels.load(kernel) is None:
-            raise BackendUnavailable(f"backend 'cuda' needs {kernel}, which does not import: {_kernels.INSTALL_HINT}")
+        for k in _cuda_kernels(kernel):
+            if _kernels.load(k) is None:
+                raise BackendUnavailable(f"backend 'cuda' needs {k}, which does not import: {_kernels.INSTALL_HINT}")
         if not x.is_cuda:
             raise BackendUnavailable("backend 'cuda' needs the model and inputs on a CUDA device: move them with .cuda() or choose backend 'chunked'")
+    if backend == "triton":
+        if not _triton_bimamba.available():
+            raise BackendUnavailable("backend 'triton' needs Triton, which does not import: pip install triton (it ships with torch on Linux) or choose backend 'chunked' or 'ref'")
+        if not x.is_cuda and not _triton_bimamba.interpreting():
+            raise BackendUnavailable("backend 'triton' needs the model and inputs on a CUDA device: move them with .cuda() or choose backend 'ref'")
     return backend
+
+
+def _standalone(which: str, x: torch.Tensor, kernel: str) -> str:
+    """The ``triton`` backend has no standalone scan or conv: those run what ``auto`` picks."""
+    return resolve_backend("auto", x, kernel) if which == "triton" else which
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, backend="auto"):
     """Selective scan. ``u, delta, z: (b, d, l)``, ``A: (d, n)``, ``B, C: (b, n, l)``,
     ``D, delta_bias: (d,)`` → ``(b, d, l)`` in ``u``'s dtype. See :func:`selective_scan_ref`."""
-    which = resolve_backend(backend, u, "selective_scan_fn")
+    which = _standalone(resolve_backend(backend, u, "selective_scan_fn"), u, "selective_scan_fn")
     if which == "cuda":
         fn = _kernels.load("selective_scan_fn")
         return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
@@ -103,7 +146,7 @@ def causal_conv1d_ref(x, weight, bias=None, activation=None):
 
 def causal_conv1d(x, weight, bias=None, activation=None, backend="auto"):
     """Causal depthwise conv1d, dispatched like :func:`selective_scan`; same shapes as the ref."""
-    which = resolve_backend(backend, x, "causal_conv1d_fn")
+    which = _standalone(resolve_backend(backend, x, "causal_conv1d_fn"), x, "causal_conv1d_fn")
     if which == "cuda":
         return _kernels.load("causal_conv1d_fn")(x, weight, bias, activation=activation)
     return causal_conv1d_ref(x, weight, bias, activation)
@@ -116,10 +159,30 @@ def add_rms_norm(x, residual, weight, eps, backend="auto"):
 
     ``x, residual: (b, l, d)``, ``weight: (d,)``.
     """
-    if resolve_backend(backend, x, "rms_norm_fn") == "cuda":
+    which = resolve_backend(backend, x, "rms_norm_fn")
+    if which == "cuda":
         fn = _kernels.load("rms_norm_fn")
         return fn(x, weight, None, residual=residual, eps=eps, prenorm=True, residual_in_fp32=True)
+    if which == "triton":
+        from ._triton_norm import add_rms_norm_triton
+
+        return add_rms_norm_triton(x, residual, weight, eps)
     acc = torch.promote_types(x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype), torch.float32)
     residual = x.to(acc) if residual is None else residual.to(acc) + x.to(acc)
     normed = residual * torch.rsqrt(residual.pow(2).mean(-1, keepdim=True) + eps)
     return (normed * weight.to(acc)).to(weight.dtype), residual
+
+
+def bimamba_inner(h, in_proj_weight, fwd: Direction, bwd: Direction, divide_out: bool = True, backend: str = "auto"):
+    """The bidirectional ("bimamba v2") mixer up to ``out_proj``: ``in_proj``, then per
+    direction conv + SiLU, ``x_proj``, ``dt_proj`` and the selective scan (the backward direction
+    on the reversed sequence), summed (halved when ``divide_out``) and gated with ``silu(z)``.
+
+    ``h: (b, l, d)``, ``in_proj_weight: (2e, d)``, ``fwd, bwd``: :class:`Direction` parameters
+    → ``(b, l, e)`` in the activations' dtype. ``ref``, ``chunked``, ``cuda``: the composition
+    of :func:`causal_conv1d` and :func:`selective_scan` (:func:`bimamba_inner_ref`); ``triton``:
+    fused kernels, channel-last, no flipped copies, their own backward."""
+    which = resolve_backend(backend, h, "bimamba_inner")
+    if which == "triton":
+        return _triton_bimamba.bimamba_inner_triton(h, in_proj_weight, fwd, bwd, divide_out)
+    return bimamba_inner_ref(h, in_proj_weight, fwd, bwd, divide_out, which)

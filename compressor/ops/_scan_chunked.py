@@ -9,6 +9,10 @@ chunks (``nc`` small steps). (3) Each local state is corrected by ``P_t · carry
 About ``2√l`` loop steps instead of ``l`` (27 for 197 tokens): far fewer kernel launches on a
 GPU without the CUDA kernels, and a small ONNX graph of standard ops (no Scan/Loop, no custom op).
 On a CPU the sequential reference moves fewer bytes and stays faster in eager PyTorch.
+
+:func:`selective_scan_chunked` trains through :func:`._scan_lean.selective_scan_chunked_lean`
+(this forward, a backward that keeps ``O(b·d·l)``); :func:`scan_chunked_autograd` is the form
+written out for autograd: what exports, and the tests' oracle.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._scan_ref import finish_scan_output, prepare_scan_inputs
+from ._scan_ref import exporting, finish_scan_output, prepare_scan_inputs
 
 
 def default_chunk(length: int) -> int:
@@ -27,7 +31,18 @@ def default_chunk(length: int) -> int:
 
 def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, chunk=None):
     """Same contract as :func:`selective_scan_ref` (``u, delta, z: (b, d, l)``, ``A: (d, n)``,
-    ``B, C: (b, n, l)``, ``D, delta_bias: (d,)`` → ``(b, d, l)``); ``chunk`` steps per chunk."""
+    ``B, C: (b, n, l)``, ``D, delta_bias: (d,)`` → ``(b, d, l)``); ``chunk`` steps per chunk.
+    Saves ``O(b·d·l)`` for the backward; the plain autograd form while exporting."""
+    if exporting():
+        return scan_chunked_autograd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk)
+    from ._scan_lean import selective_scan_chunked_lean
+
+    return selective_scan_chunked_lean(u, delta, A, B, C, D, z, delta_bias, delta_softplus, sub_chunk=chunk)
+
+
+def scan_chunked_autograd(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, chunk=None):
+    """:func:`selective_scan_chunked` written out for autograd (same contract): the exported
+    form. Autograd keeps ``O(b·d·l·n)`` per scan: not for training."""
     dtype = u.dtype
     u, delta, A, B, C = prepare_scan_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     b, d, l = u.shape

@@ -1,4 +1,9 @@
-"""Sequential selective scan in pure PyTorch: the reference every other backend is tested against."""
+"""Sequential selective scan in pure PyTorch: the reference every other backend is tested against.
+
+:func:`selective_scan_ref` runs the per-token recurrence through :mod:`._scan_lean` (no autograd
+inside, a backward that recomputes states chunk by chunk); :func:`scan_ref_autograd` is the same
+formula written out for autograd, the form used while exporting and the oracle of the tests.
+"""
 
 from __future__ import annotations
 
@@ -36,14 +41,31 @@ def finish_scan_output(y, u, D, z, dtype):
     return y.to(dtype)
 
 
+def exporting() -> bool:
+    """True while ``torch.onnx.export`` / ``torch.export`` trace the model: an autograd.Function
+    does not export, so the pure-PyTorch backends then use their plain differentiable forms."""
+    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+
+
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
     """Selective scan, one token at a time, accumulating in fp32 (fp64 for fp64 inputs).
 
     Shapes: ``u, delta, z: (b, d, l)``, ``A: (d, n)``, ``B, C: (b, n, l)``, ``D, delta_bias: (d,)``.
     Returns ``y: (b, d, l)`` in ``u``'s dtype, where from ``h_0 = 0``
     ``h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t`` and ``y_t = C_t . h_t + D u_t``,
-    then ``y_t *= silu(z_t)``.
+    then ``y_t *= silu(z_t)``. Saves ``O(b·d·l)`` for the backward (see :mod:`._scan_lean`).
     """
+    if exporting():
+        return scan_ref_autograd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    from ._scan_lean import selective_scan_lean
+
+    return selective_scan_lean(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+def scan_ref_autograd(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """:func:`selective_scan_ref` written out for autograd (same contract): the form that
+    exports, and the tests' oracle for the lean backward. Autograd keeps a ``(b, d, n)`` state
+    per token, ``O(b·d·l·n)``: not for training."""
     dtype = u.dtype
     u, delta, A, B, C = prepare_scan_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     b, d, l = u.shape

@@ -11,6 +11,10 @@ Two methods, both reported with their name:
   add up the wall time spent inside them, over the wall time of the whole (synchronised)
   forward. The synchronisations serialise the GPU, so on CUDA this is an upper-bound flavour of
   the number; on the CPU it is direct.
+
+Each comes with its spread, and is flagged ``within_noise`` when it is not a measured fact: for
+``sliced``, when the merged and the sliced timings' interquartile ranges overlap; for ``hooks``,
+when the share's call-to-call IQR is wider than the share itself (:mod:`.stats`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch.nn as nn
 
 from ..merge.module import TokenMerge
 from ..merge.schedule import MergeStep
+from .stats import share_within_noise, spread
 
 __all__ = ["TokenSlice", "merge_modules", "sliced_variant", "hook_overhead"]
 
@@ -54,19 +59,20 @@ def merge_modules(model: nn.Module) -> dict[str, TokenMerge]:
 
 def sliced_variant(gm: fx.GraphModule) -> fx.GraphModule:
     """``gm`` with its merges replaced by :class:`TokenSlice` (weights shared, not copied)."""
-    sliced = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=f"{type(gm).__name__}Sliced")
+    from ..convert import ConvertedModel
+
+    sliced = ConvertedModel(gm, copy.deepcopy(gm.graph), gm.info)
     for name, m in merge_modules(gm).items():
         parent, _, leaf = name.rpartition(".")
         setattr(sliced.get_submodule(parent) if parent else sliced, leaf, TokenSlice(m.step))
-    for attr in ("cfg", "recipe", "steps"):
-        if hasattr(gm, attr):
-            setattr(sliced, attr, getattr(gm, attr))
     return sliced.train(gm.training)
 
 
-def hook_overhead(model: nn.Module, x: torch.Tensor, *, warmup: int = 2, repeats: int = 10) -> dict | None:
-    """Median share of the forward spent inside the merge modules, timed with hooks (eager).
-    Returns None for a model without merges."""
+def hook_overhead(model: nn.Module, x: torch.Tensor, *, warmup: int = 2, repeats: int = 10, budget_s: float = 0.0,
+                  min_repeats: int = 3, on_call=None) -> dict | None:
+    """Median share of the forward spent inside the merge modules, timed with hooks (eager), with
+    its spread over the calls. Returns None for a model without merges. ``budget_s``,
+    ``min_repeats``, ``on_call``: as :func:`compressor.profile.timing.measure`."""
     merges = list(merge_modules(model).values())
     if not merges:
         return None
@@ -89,27 +95,42 @@ def hook_overhead(model: nn.Module, x: torch.Tensor, *, warmup: int = 2, repeats
 
     handles = [h for m in merges for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
     fractions, merge_ms, total_ms = [], [], []
+    repeats = max(1, repeats)
+    i = 0
     try:
         with torch.inference_mode():
-            for i in range(warmup + max(1, repeats)):
+            while i < warmup + repeats:
                 spent[0] = 0.0
                 sync()
                 t0 = time.perf_counter()
                 model(x)
                 sync()
                 total = time.perf_counter() - t0
+                if budget_s > 0 and i == max(warmup - 1, 0):  # size the series from the first call
+                    repeats = max(min(min_repeats, repeats), min(repeats, int(budget_s / max(total, 1e-9))))
                 if i >= warmup:
                     fractions.append(spent[0] / total)
                     merge_ms.append(spent[0] * 1e3)
                     total_ms.append(total * 1e3)
+                i += 1
+                if on_call is not None:
+                    on_call(i, warmup + repeats)
     finally:
         for h in handles:
             h.remove()
+    fwd, frac = spread(total_ms), spread(fractions)
+    merge = statistics.median(merge_ms)
     return {
         "method": "hooks",
         "backend": "eager",
         "batch_size": x.shape[0],
-        "merge_ms": statistics.median(merge_ms),
-        "forward_ms": statistics.median(total_ms),
-        "overhead_fraction": statistics.median(fractions),
+        "merge_ms": merge,
+        "forward_ms": fwd["median"],
+        "forward_ms_q1": fwd["q1"],
+        "forward_ms_q3": fwd["q3"],
+        "overhead_fraction": frac["median"],
+        "overhead_fraction_q1": frac["q1"],
+        "overhead_fraction_q3": frac["q3"],
+        "repeats": len(fractions),
+        "within_noise": share_within_noise(frac),
     }

@@ -7,23 +7,25 @@ the steady-state time per batch (a launch-bound call is timed at its launch rate
 one at its kernel time). On the CPU each call is timed with ``perf_counter`` (calls are
 synchronous there). Throughput is ``batch / median time``, robust to the odd slow call (a host
 hiccup in a launch-bound eager loop); ``throughput_sustained`` is ``batch · repeats`` over the
-whole span (first start to last end), which such hiccups do lower.
+whole span (first start to last end), which such hiccups do lower. The spread of the calls
+(quartiles, min, max; :mod:`.stats`) goes beside the median. With a time budget the number of
+timed calls is sized to the speed of the warm-up call (CPU defaults).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn as nn
+
+from .stats import spread
 
 __all__ = ["EXEC_BACKENDS", "Runner", "Unavailable", "prepare_runner", "measure", "time_backend", "close_cache"]
 
@@ -154,10 +156,7 @@ def _ort_session(model: nn.Module, provider: str, dtype: torch.dtype):
         import onnxruntime  # noqa: F401
     except ImportError:
         raise Unavailable("onnxruntime is not installed: pip install onnxruntime (or 'rmeeto[gpu]' for the CUDA provider)") from None
-    cpu_model = copy.deepcopy(model).float().cpu().eval()
-    for attr in ("cfg", "recipe", "steps", "extra"):  # deepcopy of a GraphModule drops them
-        if hasattr(model, attr):
-            setattr(cpu_model, attr, getattr(model, attr))
+    cpu_model = copy.deepcopy(model).float().cpu().eval()  # a ConvertedModel keeps its info through deepcopy
     tmp = tempfile.TemporaryDirectory(prefix="rmeeto-ort-")
     path = Path(tmp.name) / "model.onnx"
     try:
@@ -211,12 +210,28 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(runner: Runner, batch_size: int, *, warmup: int = 5, repeats: int = 30) -> dict:
+def measure(runner: Runner, batch_size: int, *, warmup: int = 5, repeats: int = 30, budget_s: float = 0.0,
+            min_repeats: int = 3, on_call: Callable[[int, int], None] | None = None) -> dict:
     """Time ``runner`` (see the module docstring). Peak memory is CUDA's ``max_memory_allocated``
-    over the timed calls (weights, inputs, graph pools and activations); None off CUDA."""
+    over the timed calls (weights, inputs, graph pools and activations); None off CUDA.
+
+    ``budget_s > 0``: ``repeats`` is the most; the count is what fits ``budget_s`` at the speed of
+    the last warm-up call (or of the first timed call without warm-up), at least ``min_repeats``.
+    ``on_call(done, total)`` is called after every call, warm-up included (progress)."""
     repeats = max(1, repeats)
-    for _ in range(warmup):
+    total = warmup + repeats
+    t_call = None
+    for i in range(warmup):
+        t0 = time.perf_counter()
         runner.run()
+        if budget_s > 0 and i == warmup - 1:  # the last warm-up call, finished, sizes the series
+            if not runner.host_timed:
+                _sync(runner.device)
+            t_call = time.perf_counter() - t0
+            repeats = _fit(budget_s, t_call, min_repeats, repeats)
+            total = warmup + repeats
+        if on_call is not None:
+            on_call(i + 1, total)
     if not runner.host_timed:
         _sync(runner.device)
     peak = None
@@ -224,10 +239,12 @@ def measure(runner: Runner, batch_size: int, *, warmup: int = 5, repeats: int = 
         torch.cuda.reset_peak_memory_stats()
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-        for s, e in zip(starts, ends):
+        for i, (s, e) in enumerate(zip(starts, ends)):
             s.record()
             runner.run()
             e.record()
+            if on_call is not None:
+                on_call(warmup + i + 1, total)
         torch.cuda.synchronize()  # sync point: read all events at once
         times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
         total_ms = starts[0].elapsed_time(ends[-1])
@@ -235,22 +252,36 @@ def measure(runner: Runner, batch_size: int, *, warmup: int = 5, repeats: int = 
     else:
         times = []
         t_first = time.perf_counter()
-        for _ in range(repeats):
+        while len(times) < repeats:
             t0 = time.perf_counter()
             runner.run()
             times.append((time.perf_counter() - t0) * 1e3)
+            if budget_s > 0 and t_call is None:  # no warm-up: judge from the first timed call
+                t_call = times[0] / 1e3
+                repeats = _fit(budget_s, t_call, min_repeats, repeats)
+                total = warmup + repeats
+            if on_call is not None:
+                on_call(warmup + len(times), total)
         total_ms = (time.perf_counter() - t_first) * 1e3
-    median = statistics.median(times)
+    st = spread(times)
     return {
-        "throughput": batch_size / (median / 1e3),
+        "throughput": batch_size / (st["median"] / 1e3),
         "throughput_sustained": batch_size * repeats / (total_ms / 1e3),
-        "latency_ms_median": median,
-        "latency_ms_p90": float(np.percentile(times, 90)),
-        "latency_ms_min": min(times),
+        "latency_ms_median": st["median"],
+        "latency_ms_p90": st["p90"],
+        "latency_ms_min": st["min"],
+        "latency_ms_q1": st["q1"],
+        "latency_ms_q3": st["q3"],
+        "latency_ms_max": st["max"],
         "peak_memory_mb": peak,
         "warmup": warmup,
         "repeats": repeats,
     }
+
+
+def _fit(budget_s: float, seconds_per_call: float, lo: int, hi: int) -> int:
+    """How many calls of ``seconds_per_call`` fit ``budget_s``, clamped to ``[lo, hi]``."""
+    return max(min(lo, hi), min(hi, int(budget_s / max(seconds_per_call, 1e-9))))
 
 
 def _empty_result(backend: str, batch_size: int, status: str, note: str) -> dict:
@@ -258,14 +289,15 @@ def _empty_result(backend: str, batch_size: int, status: str, note: str) -> dict
     return {
         "backend": backend, "batch_size": batch_size, "status": status, "note": note, "device": None,
         "throughput": None, "throughput_sustained": None, "latency_ms_median": None, "latency_ms_p90": None, "latency_ms_min": None,
-        "peak_memory_mb": None, "warmup": 0, "repeats": 0, "speedup": None,
+        "latency_ms_q1": None, "latency_ms_q3": None, "latency_ms_max": None, "peak_memory_mb": None, "warmup": 0, "repeats": 0, "speedup": None,
     }
 
 
 def time_backend(model: nn.Module, backend: str, x: torch.Tensor, *, warmup: int, repeats: int,
-                 cache: dict | None = None) -> dict:
+                 cache: dict | None = None, **measure_kw) -> dict:
     """One timing row: prepare the backend, measure, clean up. Never raises for a backend that
-    cannot run: the row says ``skipped`` (not available here) or ``failed`` with a note."""
+    cannot run: the row says ``skipped`` (not available here) or ``failed`` with a note.
+    ``measure_kw``: :func:`measure`'s ``budget_s``, ``min_repeats``, ``on_call``."""
     bs = x.shape[0]
     # capture / compile and the timed calls under the same mode (no autograd bookkeeping)
     with torch.inference_mode() if backend != "onnxruntime" else contextlib.nullcontext():
@@ -274,7 +306,7 @@ def time_backend(model: nn.Module, backend: str, x: torch.Tensor, *, warmup: int
         except Unavailable as e:
             return _empty_result(backend, bs, e.status, str(e))
         try:
-            stats = measure(runner, bs, warmup=warmup, repeats=repeats)
+            stats = measure(runner, bs, warmup=warmup, repeats=repeats, **measure_kw)
         finally:
             runner.cleanup()
             if x.device.type == "cuda":

@@ -1,6 +1,6 @@
 """Analytic FLOPs of a (merged) Vision Mamba, in the paper's formula.
 
-The paper's formula (rmeeto-spec.md, "FLOPs as the paper counts them"; the official
+The paper's formula (as the R-MeeTo paper counts FLOPs, with the official repository's
 ``utils/calc_flops.py`` hooks), per layer with ``N`` tokens, ``C`` = embed_dim, ``E = expand·C``
 (``2C``), ``R`` = dt_rank, ``S`` = d_state, ``K`` = d_conv::
 
@@ -31,8 +31,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..models.config import VimConfig
-from ..merge.schedule import MergeConfig, MergeStep, tokens_per_layer
+from .models.config import VimConfig
+from .merge.schedule import MergeConfig, MergeStep, tokens_per_layer
 
 __all__ = ["CONVENTIONS", "count_flops", "paper_tokens_per_layer", "paper_reduction_ratio"]
 
