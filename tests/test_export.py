@@ -1,5 +1,7 @@
-"""ONNX export: parity with PyTorch for plain and converted models (merge and prune), dynamic
-batch, graph size (no per-token unroll), static image size, atomic writes, clean errors, and
+"""ONNX export: parity with PyTorch for plain and converted models (merge and prune), both scan
+forms (``loop``: one Scan per direction, ``ssd``: no control flow), dynamic batch, graph size
+(no per-token unroll), the merge's scatters (no duplicate indices where they would overwrite),
+the execution providers checked, static image size, atomic writes, clean errors, and
 ``rmeeto export``. Exports are the slow part (seconds each): files are shared per module."""
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import compressor.export._runtime as ort_runtime
 import compressor.export.onnx as onnx_export
 from compressor.cli import app
 from compressor.convert import convert, save_compressed
@@ -26,9 +29,12 @@ from compressor.models import VimConfig, VisionMamba, create_model
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 VIM_REF = FIXTURES / "vim_official_depth8.pt"
-# vim_test has 17 tokens: the chunked scan unrolls 5 + 3 steps per direction; the sequential
-# scan unrolled per token gives 1257 nodes for the plain depth-4 model (measured), chunked 808
-MAX_NODES_VIM_TEST = 1000
+# Nodes per block (vim_test: 17 tokens, 8 per chunk for ssd), measured: loop 100 (a Scan per
+# direction, its body six ops, ~40 ops around each: softplus, layout, gating), ssd 158. The
+# scan unrolled per token would add ~6 ops per token and direction (chunked: 374 per block at
+# 197 tokens); the bounds leave ~25% headroom, far below either.
+MAX_BLOCK_NODES = {"loop": 125, "ssd": 200}
+MAX_NODES_VIM_TEST = 4 * MAX_BLOCK_NODES["ssd"] + 100  # depth 4, plus embedding/head/merges
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -48,12 +54,13 @@ def _rel_err(out: np.ndarray, ref: torch.Tensor) -> float:
     return float(np.abs(out - ref).max() / np.abs(ref).max())
 
 
-def _assert_standard_graph(path: Path, max_nodes: int) -> Counter:
+def _assert_standard_graph(path: Path, max_nodes: int, scan: str = "loop", depth: int = 4) -> Counter:
     model = onnx.load(str(path))
     ops = Counter(n.op_type for n in model.graph.node)
     nodes = len(model.graph.node)
     assert nodes < max_nodes, f"{nodes} nodes: is the scan unrolled per token?"
-    assert not ops.keys() & {"Loop", "Scan", "If"}
+    assert not ops.keys() & {"Loop", "If"}
+    assert ops["Scan"] == (2 * depth if scan == "loop" else 0), "one Scan per direction (loop), none (ssd)"
     assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}, "custom ops in the graph"
     assert not model.functions
     return ops
@@ -83,6 +90,7 @@ def test_plain_export_matches_pytorch(plain):
     assert report.path.is_file() and report.file_size == report.path.stat().st_size
     assert report.max_rel_diff <= 1e-4 and report.top1_agreement == 1.0
     assert report.opset >= 18 and report.input_shape == (1, 3, 32, 32) and not report.dynamic_batch
+    assert report.scan == "loop" and 0 < report.nodes_per_block <= MAX_BLOCK_NODES["loop"]
     assert report.providers[-1] == "CPUExecutionProvider" and report.ort_latency_ms > 0
     assert report.node_count == len(onnx.load(str(report.path)).graph.node)
     _assert_standard_graph(report.path, MAX_NODES_VIM_TEST)
@@ -110,6 +118,7 @@ def test_merged_export_dynamic_batch(merged):
     assert report.dynamic_batch and report.input_shape == ("batch", 3, 32, 32)
     assert report.max_rel_diff <= 1e-4 and report.top1_agreement == 1.0
     ops = _assert_standard_graph(report.path, MAX_NODES_VIM_TEST)
+    assert 0 < report.nodes_per_block <= MAX_BLOCK_NODES["loop"]
     reductions = [a.s for n in onnx.load(str(report.path)).graph.node if n.op_type == "ScatterElements" for a in n.attribute if a.name == "reduction"]
     assert b"add" in reductions, "scatter_add must be ScatterElements(reduction='add')"
     assert "TopK" not in ops  # the merge ranks its sources by comparisons (stable ties), no sort
@@ -129,6 +138,81 @@ def test_prune_mode_with_head_class_token(tmp_path):
     assert report.max_rel_diff <= 1e-4 and report.top1_agreement == 1.0
     _assert_standard_graph(report.path, MAX_NODES_VIM_TEST + 200)  # three merges
     assert check_onnx_file(report.path)["rmeeto.tokens"] == "17,14,11,8"
+
+
+@pytest.mark.parametrize("converted", [False, True])
+def test_ssd_scan_export(converted, tmp_path):
+    """The loop-free form: no control flow at all, same parity, bounded size per block."""
+    model = convert(_model(), "r031") if converted else _model()
+    report = export_onnx(model, tmp_path / "ssd.onnx", scan="ssd", batch=2)
+    assert report.scan == "ssd" and check_onnx_file(report.path)["rmeeto.scan"] == "ssd"
+    assert report.max_rel_diff <= 1e-4 and report.top1_agreement == 1.0
+    assert 0 < report.nodes_per_block <= MAX_BLOCK_NODES["ssd"]
+    _assert_standard_graph(report.path, MAX_NODES_VIM_TEST, scan="ssd")
+
+
+def _scatter_index_outputs(path: Path, tmp_path: Path) -> tuple[Path, list[tuple[str, str, int]]]:
+    """A copy of the graph that also outputs the index tensor of every ScatterND /
+    ScatterElements without a reduction (those overwrite: duplicate indices would make the
+    result depend on the order of writes). Returns the copy and ``(op, name, axis)`` each."""
+    model = onnx.load(str(path))
+    found = []
+    for node in model.graph.node:
+        attrs = {a.name: a for a in node.attribute}
+        reduction = attrs["reduction"].s if "reduction" in attrs else b"none"
+        if node.op_type in ("ScatterND", "ScatterElements") and reduction == b"none":
+            axis = attrs["axis"].i if "axis" in attrs else 0
+            found.append((node.op_type, node.input[1], axis))
+            model.graph.output.append(onnx.helper.make_tensor_value_info(node.input[1], onnx.TensorProto.INT64, None))
+    copy = tmp_path / "with_indices.onnx"
+    onnx.save(model, str(copy))
+    return copy, found
+
+
+def test_merge_scatters_never_overwrite_one_place_twice(merged, tmp_path):
+    """ONNX Runtime's CUDA provider warns that ScatterND with reduction 'none' is only correct
+    without duplicate indices. The merge's overwriting scatters (the strided writes of its slot
+    map and the marks of removed tokens) are read back from the running graph on random images:
+    no index repeats; the only scatter that sums (duplicates by design) reduces with 'add'."""
+    copy, found = _scatter_index_outputs(merged[1].path, tmp_path)
+    assert {op for op, _, _ in found} == {"ScatterND", "ScatterElements"}, found
+    sess = _ort(copy)
+    for seed in range(3):
+        x = np.random.default_rng(seed).standard_normal((3, 3, 32, 32)).astype(np.float32)
+        outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"image": x})))
+        for op, name, axis in found:
+            idx = outs[name]
+            if op == "ScatterND":  # each row of the last axis is one target position
+                rows = idx.reshape(-1, idx.shape[-1])
+                assert len(np.unique(rows, axis=0)) == len(rows), f"{name}: duplicate ScatterND index"
+            else:  # along `axis`, for every position of the other axes
+                moved = np.moveaxis(idx, axis, -1).reshape(-1, idx.shape[axis])
+                assert all(len(set(r)) == len(r) for r in moved.tolist()), f"{name}: duplicate ScatterElements index"
+
+
+def test_providers_checked_and_cuda_fallback_refused(monkeypatch, tmp_path):
+    """With onnxruntime-gpu (providers mocked here) the file is checked on the CUDA provider
+    first and the CPU provider; a CUDA session that silently fell back to the CPU is an error."""
+    ort_runtime.providers.cache_clear()
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [ort_runtime.CUDA, ort_runtime.CPU])
+    monkeypatch.setattr(ort, "preload_dlls", lambda *a, **k: None, raising=False)
+    assert ort_runtime.check_chains() == [[ort_runtime.CUDA, ort_runtime.CPU], [ort_runtime.CPU]]
+    made = []
+
+    class FakeSession:
+        def __init__(self, path, opts, providers):
+            made.append(providers)
+            self._providers = [p for p in providers if p == ort_runtime.CPU]  # CUDA did not start
+
+        def get_providers(self):
+            return self._providers
+
+    monkeypatch.setattr(ort, "InferenceSession", FakeSession)
+    with pytest.raises(RmeetoError, match="did not start CUDAExecutionProvider"):
+        ort_runtime.make_session(tmp_path / "m.onnx", [ort_runtime.CUDA, ort_runtime.CPU])
+    assert made == [[ort_runtime.CUDA, ort_runtime.CPU]]
+    assert ort_runtime.make_session(tmp_path / "m.onnx", [ort_runtime.CPU]).get_providers() == [ort_runtime.CPU]
+    ort_runtime.providers.cache_clear()  # the next test sees the real providers again
 
 
 def test_fp16_export(tmp_path):
@@ -237,14 +321,19 @@ def test_cli_export_plain_and_compressed(tmp_path):
     result = runner.invoke(app, ["export", str(plain_ckpt), "--onnx", str(tmp_path / "plain.onnx"), "--batch", "2"])
     assert result.exit_code == 0, result.output
     assert "max rel diff" in result.output and "2x3x32x32" in result.output
-    result = runner.invoke(app, ["export", str(packed_ckpt), "--onnx", str(tmp_path / "packed.onnx"), "--dynamic-batch"])
+    result = runner.invoke(app, ["export", str(packed_ckpt), "--onnx", str(tmp_path / "packed.onnx"), "--dynamic-batch", "--scan", "ssd"])
     assert result.exit_code == 0, result.output
-    assert "dynamic batch" in result.output
-    assert check_onnx_file(tmp_path / "packed.onnx")["rmeeto.tokens"] == "17,14"
+    assert "dynamic batch" in result.output and "per block" in result.output
+    meta = check_onnx_file(tmp_path / "packed.onnx")
+    assert meta["rmeeto.tokens"] == "17,14" and meta["rmeeto.scan"] == "ssd"
 
 
 def test_cli_export_errors_are_one_red_line(tmp_path):
     runner = CliRunner()
+    bad_scan = runner.invoke(app, ["export", str(tmp_path / "x.pth"), "--onnx", str(tmp_path / "m.onnx"), "--scan", "fast"])
+    assert bad_scan.exit_code == 2 and "fast" in bad_scan.output  # typer's own choice check
+    with pytest.raises(RmeetoError, match="unknown scan form 'fast'"):
+        export_onnx(_model(depth=1), tmp_path / "m.onnx", scan="fast")
     for args in (["--batch", "2", "--dynamic-batch"], []):
         ckpt = tmp_path / ("nope.pth" if not args else "whatever.pth")
         result = runner.invoke(app, ["export", str(ckpt), "--onnx", str(tmp_path / "m.onnx"), *args])
@@ -277,9 +366,9 @@ def test_official_fixture_exports_within_1e4(official, num_prune, tmp_path):
     images = ref["images"]
     report = export_onnx(module, tmp_path / "vim.onnx", batch=2, inputs=images)
     assert report.max_rel_diff <= 1e-4 and report.top1_agreement == 1.0
-    # 197 tokens: the chunked scan unrolls 15 + 13 steps per direction (3216 nodes plain,
-    # measured); the scan unrolled per token would be 197 steps, over 20k nodes
-    _assert_standard_graph(report.path, 8 * 600)
+    # 197 tokens: ~100 nodes per block with one Scan per direction; the scan unrolled per
+    # token would be 197 steps, over 20k nodes
+    _assert_standard_graph(report.path, 8 * MAX_BLOCK_NODES["loop"] + 400, depth=8)
     out = np.concatenate([_ort(report.path).run(None, {"image": x.numpy()})[0] for x in images.split(2)])
     with torch.no_grad():
         assert _rel_err(out, module(images)) <= 1e-4

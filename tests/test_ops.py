@@ -350,12 +350,12 @@ def test_auto_backend_on_cpu_is_ref():
     assert resolve_backend("chunked", x) == "chunked"
 
 
-def test_exporting_forces_chunked(monkeypatch):
+def test_exporting_uses_the_export_form(monkeypatch):
     monkeypatch.setattr(ops, "_exporting", lambda: True)
     x = torch.zeros(1, 2, 3)
-    assert resolve_backend("auto", x) == "chunked"
-    assert resolve_backend("cuda", x) == "chunked"
-    assert resolve_backend("ref", x) == "ref"
+    assert resolve_backend("auto", x) == ops.EXPORT_SCAN_DEFAULT == "loop"
+    assert resolve_backend("cuda", x) == "loop"
+    assert resolve_backend("ref", x) == "ref" and resolve_backend("ssd", x) == "ssd"
 
 
 def test_unknown_backend_raises_one_line():

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
+from .. import ops
 from ..errors import RmeetoError
 from ..export import ExportReport, export_onnx
 from ..loading import load_model
 from ._app import command, console
 from ._options import ModelFactory, ModelKwargs
 from .info import Family
+
+#: how the selective scan is written into the graph (``compressor.ops.EXPORT_SCANS``)
+Scan = Enum("Scan", {s: s for s in ops.EXPORT_SCANS}, type=str)
 
 
 @command("export")
@@ -23,7 +28,13 @@ def export(
     opset: Annotated[Optional[int], typer.Option(help="ONNX opset (default: the exporter's, 18 or newer).")] = None,
     batch: Annotated[Optional[int], typer.Option(help="Fixed batch size of the graph (default 1).", min=1)] = None,
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Make the batch dimension dynamic (H and W stay fixed).")] = False,
-    fp16: Annotated[bool, typer.Option("--fp16", help="Export in half precision.")] = False,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Export in half precision (for the CUDA execution provider).")] = False,
+    scan: Annotated[
+        Scan,
+        typer.Option(help="How the scan is written: loop (one Scan node per direction: smallest graph, fastest on ONNX "
+                          "Runtime's CPU provider), ssd (loop-free, no control flow: for the CUDA provider and its CUDA "
+                          "graphs), chunked (older unrolled form), ref (unrolled per token)."),
+    ] = Scan(ops.EXPORT_SCAN_DEFAULT),
     family: Annotated[Optional[Family], typer.Option(help="Model family of an official checkpoint (the file cannot tell).")] = None,
     model_factory: ModelFactory = None,
     model_kwargs: ModelKwargs = None,
@@ -37,7 +48,8 @@ def export(
     model = load_model(ckpt, family=family.value if family else "vim", backend="auto", factory=model_factory,
                        factory_kwargs=model_kwargs)
     with console.status(f"exporting {ckpt.name} (minutes for a depth-24 model) and checking it with ONNX Runtime"):
-        report = export_onnx(model, onnx, opset=opset, batch=batch or 1, dynamic_batch=dynamic_batch, fp16=fp16, rtol=rtol)
+        report = export_onnx(model, onnx, opset=opset, batch=batch or 1, dynamic_batch=dynamic_batch, fp16=fp16, rtol=rtol,
+                             scan=scan.value)
     console.print(_table(report))
 
 
@@ -49,7 +61,8 @@ def _table(r: ExportReport) -> Table:
     rows = [
         ("input shape", shape + (" (dynamic batch)" if r.dynamic_batch else "")),
         ("opset", str(r.opset)),
-        ("nodes", f"{r.node_count:,}"),
+        ("scan", r.scan),
+        ("nodes", f"{r.node_count:,}" + (f" ({r.nodes_per_block:.0f} per block)" if r.nodes_per_block else "")),
         ("file size", f"{r.file_size / 2**20:.2f} MiB"),
         ("export time", f"{r.export_seconds:.1f} s"),
     ]

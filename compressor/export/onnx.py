@@ -8,11 +8,21 @@ are, into standard ``ai.onnx`` ops only (``scatter_add`` → ``ScatterElements(r
 the merge's stable ranking → comparisons and a ``ReduceSum``), with a graph half the size; it costs a slower export (seconds for the
 test models, a minute or so for a depth-24 model on a small CPU).
 
-The scan is always exported with the pure-PyTorch ``chunked`` backend (about ``2√L`` unrolled
-steps per direction, no ``Loop``/``Scan``, no custom op). Token counts are fixed by the image
-size, so height and width are static in the graph (ONNX Runtime rejects other sizes) and are
-also written to ``metadata_props`` (``rmeeto.img_size``, ``rmeeto.tokens``, ...), which
-:func:`check_onnx_input` reads to give a one-line error before anything runs.
+The scan is written in one of the forms of :mod:`compressor.ops` (``scan=``, default
+:data:`compressor.ops.EXPORT_SCAN_DEFAULT`): ``loop`` (one ``Scan`` node per direction: the
+smallest graph and the fastest on ONNX Runtime's CPU provider), ``ssd`` (loop-free chunked
+state-space form, about a hundred standard ops per direction and no control flow: for the CUDA
+provider, whose CUDA graphs cannot hold a ``Scan``), ``chunked`` (the older two-level unrolled
+form); docs/benchmarks.md has the measurements. ``loop`` and ``ssd`` are recorded as one op
+each and written by their own ONNX translations (:mod:`compressor.ops._scan_onnx`), which is
+what makes a depth-24 export take seconds. Standard ``ai.onnx`` ops only, no custom op in the
+file. The exporter's optimiser is replaced by a lighter one (:mod:`._graph`): the rewriter it
+runs took minutes on a depth-24 model.
+
+Token counts are fixed by the image size, so height and width are static in the graph (ONNX
+Runtime rejects other sizes) and are also written to ``metadata_props`` (``rmeeto.img_size``,
+``rmeeto.tokens``, ``rmeeto.scan``, ...), which :func:`check_onnx_input` reads to give a
+one-line error before anything runs.
 """
 
 from __future__ import annotations
@@ -31,11 +41,14 @@ import torch
 import torch.nn as nn
 from google.protobuf.message import DecodeError
 
+from .. import ops
 from .._version import __version__
 from .._io import atomic_write
 from ..errors import RmeetoError, ShapeError
 from ..merge.schedule import tokens_per_layer
 from ..models.vim import BiMambaMixer, RMSNorm, set_backend
+from ._graph import block_node_counts, light_optimize
+from ._runtime import check_chains, make_session
 
 __all__ = ["ExportReport", "export_onnx", "check_onnx_file", "check_onnx_input", "INPUT_NAME", "OUTPUT_NAME"]
 
@@ -54,7 +67,9 @@ class ExportReport:
 
     path: Path
     opset: int
+    scan: str
     node_count: int
+    nodes_per_block: float | None
     file_size: int
     export_seconds: float
     max_abs_diff: float | None
@@ -72,13 +87,15 @@ class ExportReport:
 
 
 def export_onnx(model: nn.Module, path, *, opset: int | None = None, batch: int = 1, dynamic_batch: bool = False,
-                fp16: bool = False, check: bool = True, rtol: float | None = None, inputs: torch.Tensor | None = None) -> ExportReport:
+                fp16: bool = False, check: bool = True, rtol: float | None = None, inputs: torch.Tensor | None = None,
+                scan: str | None = None) -> ExportReport:
     """Export ``model`` (a :class:`~compressor.models.VisionMamba` or a module from
     :func:`compressor.convert.convert`) to ``path`` for ``(batch, C, img_size, img_size)`` images
     (video models: ``(batch, C, frames, img_size, img_size)`` clips).
 
     ``dynamic_batch`` makes dim 0 dynamic (H and W stay fixed); ``fp16`` exports half precision
-    (the model itself is left unchanged). The file is written to a temporary name next to
+    (the model itself is left unchanged); ``scan`` picks the scan's form in the graph (one of
+    :data:`compressor.ops.EXPORT_SCANS`, default ``loop``). The file is written to a temporary name next to
     ``path``, checked with ``onnx.checker`` and, with ``check``, run with ONNX Runtime on seeded
     random images and on ``inputs`` ``(N, C, H, W)``; a relative difference to the fp32 PyTorch
     model above ``rtol`` (default 1e-4, 1e-2 for fp16) raises :class:`RmeetoError` and leaves
@@ -95,6 +112,9 @@ def export_onnx(model: nn.Module, path, *, opset: int | None = None, batch: int 
         raise RmeetoError(f"rtol must be >= 0, got {rtol}")
     if path.is_dir():
         raise RmeetoError(f"{path} is a directory: pass a file name such as {path / 'model.onnx'}")
+    scan = ops.EXPORT_SCAN_DEFAULT if scan is None else scan
+    if scan not in ops.EXPORT_SCANS:
+        raise RmeetoError(f"unknown scan form {scan!r}: choose one of {', '.join(ops.EXPORT_SCANS)}")
     dtype = torch.float16 if fp16 else torch.float32
     tol = DEFAULT_RTOL[dtype] if rtol is None else rtol
     shape = (batch, *cfg.input_shape)
@@ -106,8 +126,10 @@ def export_onnx(model: nn.Module, path, *, opset: int | None = None, batch: int 
 
     def write(tmp: Path) -> None:
         t0 = time.perf_counter()
-        program = _export(out_model, shape, opset, dynamic_batch, dtype)
-        program.model.metadata_props.update(_metadata(model, cfg, shape, dynamic_batch, dtype))
+        program = _export(out_model, shape, opset, dynamic_batch, dtype, scan)
+        blocks = block_node_counts(program.model)
+        found["per_block"] = sum(blocks.values()) / len(blocks) if blocks else None
+        program.model.metadata_props.update(_metadata(model, cfg, shape, dynamic_batch, dtype, scan))
         program.save(tmp, external_data=False)
         _chmod_like_new_file(tmp)
         found["seconds"] = time.perf_counter() - t0
@@ -122,7 +144,8 @@ def export_onnx(model: nn.Module, path, *, opset: int | None = None, batch: int 
         raise RmeetoError(f"cannot write {path}: {e.strerror or e}; choose a writable output location") from None
     header = onnx.load(str(path), load_external_data=False)
     return ExportReport(
-        path=path, opset=_opset_of(header), node_count=len(header.graph.node), file_size=path.stat().st_size,
+        path=path, opset=_opset_of(header), scan=scan, node_count=len(header.graph.node), nodes_per_block=found["per_block"],
+        file_size=path.stat().st_size,
         export_seconds=found["seconds"], max_abs_diff=found.get("max_abs"), max_rel_diff=found.get("max_rel"),
         top1_agreement=found.get("top1"), ort_latency_ms=found.get("latency"),
         providers=tuple(s.get_providers()[0] for s in found.get("sessions", ())),
@@ -168,22 +191,25 @@ def _export_mode(model: nn.Module, backend: str | None):
         model.train(training)
 
 
-def _export(model: nn.Module, shape: tuple, opset: int | None, dynamic_batch: bool, dtype: torch.dtype):
+def _export(model: nn.Module, shape: tuple, opset: int | None, dynamic_batch: bool, dtype: torch.dtype, scan: str):
     # a batch of 1 would be specialised by torch.export: trace a dynamic batch with 2
     example = torch.randn(max(shape[0], 2) if dynamic_batch else shape[0], *shape[1:], generator=torch.Generator().manual_seed(0))
     example = example.to(device=_device_of(model), dtype=dtype)
     dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
-    with _export_mode(model, "chunked"), torch.no_grad():
+    with _export_mode(model, scan), torch.no_grad(), ops.onnx_translation() as table:
         try:
-            return torch.onnx.export(
+            program = torch.onnx.export(
                 model, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_shapes=dynamic_shapes, optimize=True, verify=False, report=False, verbose=False,
+                dynamic_shapes=dynamic_shapes, custom_translation_table=table, optimize=False, verify=False, report=False,
+                verbose=False,
             )
         except torch.onnx.OnnxExporterError as e:
             raise RmeetoError(f"ONNX export failed: {_first_line(e.__cause__ or e)}") from e
+    light_optimize(program.model)
+    return program
 
 
-def _metadata(model, cfg, shape: tuple, dynamic_batch: bool, dtype: torch.dtype) -> dict[str, str]:
+def _metadata(model, cfg, shape: tuple, dynamic_batch: bool, dtype: torch.dtype, scan: str) -> dict[str, str]:
     steps, recipe = model.steps, model.recipe
     return {
         "rmeeto.version": __version__,
@@ -193,6 +219,7 @@ def _metadata(model, cfg, shape: tuple, dynamic_batch: bool, dtype: torch.dtype)
         "rmeeto.frames": str(cfg.frames),
         "rmeeto.input_shape": "x".join(["N" if dynamic_batch else str(shape[0]), *map(str, shape[1:])]),
         "rmeeto.dtype": str(dtype).removeprefix("torch."),
+        "rmeeto.scan": scan,
         "rmeeto.recipe": recipe.name,
         "rmeeto.tokens": ",".join(map(str, tokens_per_layer(steps, cfg.num_tokens, cfg.depth))),
         "rmeeto.num_classes": str(cfg.num_classes),
@@ -243,17 +270,7 @@ def _run_torch(model: nn.Module, probes: list[torch.Tensor]) -> list[np.ndarray]
 
 def _sessions(path: Path) -> list:
     """One ONNX Runtime session per provider worth checking: CUDA first when available, CPU always."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    chains = [["CPUExecutionProvider"]]
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        chains.insert(0, ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    try:
-        return [ort.InferenceSession(str(path), opts, providers=c) for c in chains]
-    except Exception as e:  # onnxruntime raises its own pybind exception types (Fail, InvalidGraph, ...)
-        raise RmeetoError(f"ONNX Runtime cannot load the exported graph: {_first_line(e)}") from e
+    return [make_session(path, chain) for chain in check_chains()]
 
 
 def _verify(tmp: Path, probes, refs, dtype: torch.dtype, tol: float, dest: Path) -> dict:

@@ -4,7 +4,11 @@ Backends:
 - ``ref``: sequential pure-PyTorch scan (fp32 accumulation). Forward and backward on any device;
   the backward keeps ``O(b·d·l)`` and recomputes states chunk by chunk (``_scan_lean``).
 - ``chunked``: two-level chunked scan (~2√l loop steps, standard ops): few launches on a GPU
-  without kernels, and the form exported to ONNX; the same lean backward.
+  without kernels; the same lean backward.
+- ``ssd``: loop-free chunked state-space form (matmuls and element-wise ops, no loop at all);
+  exported without control flow (what ONNX Runtime can capture in a CUDA graph).
+- ``loop``: the reference recurrence; exported as one ONNX ``Scan`` node over the tokens (the
+  default export form: fastest on ONNX Runtime's CPU provider, smallest graph).
 - ``cuda``: mamba-ssm / causal-conv1d kernels (and the fused add+RMSNorm Triton kernel).
 - ``triton``: rmeeto's own Triton kernels (no compile step; Triton ships with torch on Linux)
   for :func:`bimamba_inner` (the whole bidirectional mixer but ``out_proj``, forward and
@@ -12,8 +16,13 @@ Backends:
   :func:`causal_conv1d` run ``cuda`` or ``chunked`` under it.
 - ``auto``: on CUDA tensors the first present of :data:`AUTO_CUDA_ORDER` (fastest first, as
   measured: docs/benchmarks.md), ``ref`` on CPU (measured fastest there: it moves the fewest
-  bytes; benchmarks/bench_cpu_retrain.py); always ``chunked`` while exporting (both
-  pure-PyTorch scans then use their plain autograd forms).
+  bytes; benchmarks/bench_cpu_retrain.py); while exporting, the scan form named by
+  :data:`EXPORT_SCAN_DEFAULT` (``loop``; the pure-PyTorch scans then use their plain autograd
+  forms).
+
+Export forms (:data:`EXPORT_SCANS`, ``rmeeto export --scan``): ``loop``, ``ssd``, ``chunked``
+(and ``ref``, unrolled per token: a graph of thousands of nodes). Measured in
+docs/benchmarks.md (ONNX Runtime tables).
 """
 
 from __future__ import annotations
@@ -25,7 +34,9 @@ from ..errors import BackendUnavailable
 from . import _kernels, _triton_bimamba
 from ._bimamba import Direction, bimamba_inner_ref
 from ._scan_chunked import selective_scan_chunked
+from ._scan_onnx import CUSTOM_OPS, onnx_translation, translating
 from ._scan_ref import selective_scan_ref
+from ._scan_ssd import selective_scan_ssd
 
 __all__ = [
     "BACKENDS",
@@ -33,6 +44,10 @@ __all__ = [
     "selective_scan",
     "selective_scan_ref",
     "selective_scan_chunked",
+    "selective_scan_ssd",
+    "EXPORT_SCANS",
+    "EXPORT_SCAN_DEFAULT",
+    "onnx_translation",
     "causal_conv1d",
     "causal_conv1d_ref",
     "add_rms_norm",
@@ -43,7 +58,7 @@ __all__ = [
     "AUTO_CUDA_ORDER",
 ]
 
-BACKENDS = ("auto", "ref", "chunked", "cuda", "triton")
+BACKENDS = ("auto", "ref", "chunked", "ssd", "loop", "cuda", "triton")
 #: What ``auto`` picks on CUDA tensors, fastest first; ``triton`` only for the ops it implements.
 #: Measured on an H200 (docs/benchmarks.md, section 8): ``triton`` x3.5 (Vim-S) and x3.0 (Vim-Ti)
 #: over ``cuda`` at batch 128 fp16, x1.06 for Vim-S at batch 1 in a CUDA graph, x1.1-1.25 for the
@@ -51,6 +66,11 @@ BACKENDS = ("auto", "ref", "chunked", "cuda", "triton")
 #: explicitly there. ``chunked`` is ~15x slower than ``cuda`` (section 1, H100).
 AUTO_CUDA_ORDER = ("triton", "cuda", "chunked")
 _TRITON_OPS = ("bimamba_inner", "rms_norm_fn")
+#: scan forms an ONNX export can be written with; the default was measured fastest on ONNX
+#: Runtime's CPU provider; ``ssd`` has no control flow (for CUDA graphs on the CUDA provider)
+EXPORT_SCANS = ("loop", "ssd", "chunked", "ref")
+EXPORT_SCAN_DEFAULT = "loop"
+_SCANS = {"ref": selective_scan_ref, "chunked": selective_scan_chunked, "ssd": selective_scan_ssd, "loop": selective_scan_ref}
 
 
 def kernels_available() -> dict[str, bool]:
@@ -80,7 +100,7 @@ def resolve_backend(backend: str, x: torch.Tensor, kernel: str = "bimamba_inner"
     if backend not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if _exporting():
-        return "chunked" if backend in ("auto", "cuda", "triton") else backend
+        return EXPORT_SCAN_DEFAULT if backend in ("auto", "cuda", "triton") else backend
     if backend == "auto":
         if not x.is_cuda:
             return "ref"
@@ -111,8 +131,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if which == "cuda":
         fn = _kernels.load("selective_scan_fn")
         return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    fn = selective_scan_ref if which == "ref" else selective_scan_chunked
-    return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if which in CUSTOM_OPS and translating() and _exporting():  # one op in the graph, see _scan_onnx
+        return CUSTOM_OPS[which](u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return _SCANS[which](u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
 
 def causal_conv1d_ref(x, weight, bias=None, activation=None):

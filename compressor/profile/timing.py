@@ -52,6 +52,7 @@ class Runner:
     status: str = "ok"
     note: str = ""
     cleanup: Callable[[], None] = field(default=lambda: None)
+    host_timed: bool = False  # each run() returns only when the device work is done (ONNX Runtime)
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,38 +92,79 @@ def _compile(model: nn.Module, x: torch.Tensor) -> Runner:
 
 
 def _onnxruntime(model: nn.Module, x: torch.Tensor, cache: dict | None = None) -> Runner:
-    """ONNX Runtime's CPU provider on an fp32 CPU copy exported (once per model, batch dimension
-    dynamic) with ``compressor.export.onnx.export_onnx`` (fp32: the CPU provider has no fast fp16
-    path). ``cache`` keeps the session for the model's other batch sizes; :func:`close_cache`."""
+    """ONNX Runtime on a copy exported once per model (batch dimension dynamic) with
+    ``compressor.export.onnx.export_onnx``: the CUDA execution provider for CUDA inputs when
+    ``onnxruntime-gpu`` is installed (exported in the model's dtype, fp16 or fp32, with the
+    loop-free ``ssd`` scan; input and output stay on the GPU through IO binding), else the CPU
+    provider on an fp32 export with the default scan form (no fast fp16 path there). ``cache`` keeps the session for the model's other batch sizes;
+    :func:`close_cache`."""
+    from ..export import _runtime
+
     cache = {} if cache is None else cache
-    key = ("onnxruntime", id(model))
+    provider = _runtime.CUDA if x.is_cuda and _ort_cuda_available() else _runtime.CPU
+    dtype = x.dtype if provider == _runtime.CUDA and x.dtype == torch.float16 else torch.float32
+    key = ("onnxruntime", id(model), provider, dtype)
     if key not in cache:
         try:
-            cache[key] = _ort_session(model)
+            cache[key] = _ort_session(model, provider, dtype)
         except Unavailable as e:
             cache[key] = e  # do not export again for the next batch size
     if isinstance(cache[key], Unavailable):
         raise cache[key]
     session = cache[key][1]
-    feed = {session.get_inputs()[0].name: x.detach().float().cpu().numpy()}
-    return Runner(lambda: session.run(None, feed), device="cpu", note="ONNX Runtime CPUExecutionProvider, fp32")
+    name = f"ONNX Runtime {provider}, {str(dtype).removeprefix('torch.')}"
+    if provider == _runtime.CPU:
+        feed = {session.get_inputs()[0].name: x.detach().float().cpu().numpy()}
+        why = _runtime.install_note() or "onnxruntime-gpu is not installed"
+        note = name if not x.is_cuda else f"{name} ({why}: the CPU provider was timed)"
+        return Runner(lambda: session.run(None, feed), device="cpu", note=note)
+    return Runner(_bound_run(session, x.detach().to(dtype).contiguous()), device="cuda", note=name, host_timed=True)
 
 
-def _ort_session(model: nn.Module):
+def _ort_cuda_available() -> bool:
     try:
+        from ..export import _runtime
+
+        return _runtime.cuda_available()
+    except ImportError:
+        return False
+
+
+def _bound_run(session, x: torch.Tensor) -> Callable[[], Any]:
+    """``run()`` on a CUDA session with the input read in place from ``x`` and the output left
+    on the GPU (no host copies in the timed call); returns once the GPU work is done."""
+    io = session.io_binding()
+    np_dtype = np.float16 if x.dtype == torch.float16 else np.float32
+    io.bind_input(session.get_inputs()[0].name, "cuda", x.device.index or 0, np_dtype, tuple(x.shape), x.data_ptr())
+    io.bind_output(session.get_outputs()[0].name, "cuda", x.device.index or 0)
+
+    def run():
+        session.run_with_iobinding(io)
+        io.synchronize_outputs()
+        return x  # keeps the bound input alive
+
+    return run
+
+
+def _ort_session(model: nn.Module, provider: str, dtype: torch.dtype):
+    try:
+        from ..export import _runtime
         from ..export.onnx import export_onnx
     except ImportError as e:
         raise Unavailable(f"compressor.export is not available ({_short(e)})") from None
     try:
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401
     except ImportError:
-        raise Unavailable("onnxruntime is not installed: pip install onnxruntime") from None
+        raise Unavailable("onnxruntime is not installed: pip install onnxruntime (or 'rmeeto[gpu]' for the CUDA provider)") from None
     cpu_model = copy.deepcopy(model).float().cpu().eval()  # a ConvertedModel keeps its info through deepcopy
     tmp = tempfile.TemporaryDirectory(prefix="rmeeto-ort-")
     path = Path(tmp.name) / "model.onnx"
     try:
-        export_onnx(cpu_model, path, dynamic_batch=True, check=False)
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        # the CUDA provider gets the loop-free scan: a Scan node would run token by token from the host
+        scan = "ssd" if provider == _runtime.CUDA else None
+        export_onnx(cpu_model, path, dynamic_batch=True, check=False, fp16=dtype == torch.float16, scan=scan)
+        chain = [provider] if provider == _runtime.CPU else [provider, _runtime.CPU]
+        session = _runtime.make_session(path, chain)
     except Exception as e:  # noqa: BLE001 -- optional backend: the reason goes into the report
         tmp.cleanup()
         raise Unavailable(f"ONNX export or session failed ({_short(e)})", "failed") from None
@@ -183,15 +225,17 @@ def measure(runner: Runner, batch_size: int, *, warmup: int = 5, repeats: int = 
         t0 = time.perf_counter()
         runner.run()
         if budget_s > 0 and i == warmup - 1:  # the last warm-up call, finished, sizes the series
-            _sync(runner.device)
+            if not runner.host_timed:
+                _sync(runner.device)
             t_call = time.perf_counter() - t0
             repeats = _fit(budget_s, t_call, min_repeats, repeats)
             total = warmup + repeats
         if on_call is not None:
             on_call(i + 1, total)
-    _sync(runner.device)
+    if not runner.host_timed:
+        _sync(runner.device)
     peak = None
-    if runner.device == "cuda":
+    if runner.device == "cuda" and not runner.host_timed:
         torch.cuda.reset_peak_memory_stats()
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]

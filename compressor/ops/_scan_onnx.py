@@ -1,0 +1,212 @@
+"""The exported scan forms as single ops, written out by their own ONNX translations.
+
+Why: ``torch.onnx.export`` traces, decomposes and translates every PyTorch op of the model one
+at a time (milliseconds each on a 2-core CPU). Traced op by op, the ``ssd`` scan is about a
+hundred ops per direction, most of the 9,000 of a depth-24 Vim and most of the export time;
+the ``loop`` form has no PyTorch writing that traces to a ``Scan`` cheaply. Inside
+:func:`onnx_translation`, :func:`compressor.ops.selective_scan` calls the custom ops
+``rmeeto::ssd_scan`` / ``rmeeto::loop_scan`` instead: ``torch.export`` records one node per
+direction and the translations below write the computation in standard ONNX ops (opset 18, no
+custom domain: stock ONNX Runtime runs the file).
+
+- :func:`ssd_scan_onnx`: the computation of :func:`selective_scan_ssd` (loop-free).
+- :func:`loop_scan_onnx`: one ``Scan`` node over the tokens whose body is the recurrence of
+  :func:`selective_scan_ref` (six small ops per token).
+
+Each translation is tested against the sequential reference in fp32 and fp64 (the PyTorch ops'
+eager implementations are the reference and the ssd form). Outside :func:`onnx_translation`
+(eager, ``torch.compile``, a plain ``torch.onnx.export``) the custom ops are never used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Optional, TypeVar
+
+import numpy as np
+import torch
+from onnxscript import onnx_types
+from onnxscript.onnx_opset import opset18 as op
+
+try:
+    import onnx_ir as ir
+except ImportError:  # pragma: no cover - onnxscript before 0.3 carries the IR itself
+    from onnxscript import ir
+
+from ._scan_ref import selective_scan_ref
+from ._scan_ssd import relative_cumsum_matrix, selective_scan_ssd, ssd_params, upper_ones
+
+__all__ = ["onnx_translation", "translating", "ssd_scan_onnx", "loop_scan_onnx"]
+
+_ACTIVE = contextvars.ContextVar("rmeeto_onnx_translation", default=False)
+T = TypeVar("T", onnx_types.FLOAT, onnx_types.DOUBLE, onnx_types.FLOAT16, onnx_types.BFLOAT16)
+_FLOAT, _DOUBLE = 1, 11  # ONNX TensorProto data types
+
+
+def _define(name: str, fn):
+    """A custom op ``rmeeto::<name>`` with :func:`selective_scan_ref`'s signature running ``fn``."""
+
+    def impl(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+             D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+             delta_softplus: bool) -> torch.Tensor:
+        return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+    impl.__name__ = name
+    custom = torch.library.custom_op(f"rmeeto::{name}", mutates_args=())(impl)
+    custom.register_fake(lambda u, *args: torch.empty_like(u))
+    return custom
+
+
+ssd_scan = _define("ssd_scan", selective_scan_ssd)
+loop_scan = _define("loop_scan", selective_scan_ref)
+#: scan form -> the custom op recorded for it while translating
+CUSTOM_OPS = {"ssd": ssd_scan, "loop": loop_scan}
+
+
+def translating() -> bool:
+    """Inside :func:`onnx_translation`: the scan is to be recorded as one op."""
+    return _ACTIVE.get()
+
+
+@contextlib.contextmanager
+def onnx_translation():
+    """For ``torch.onnx.export(..., custom_translation_table=table)``: yields ``table`` and makes
+    the ``ssd`` and ``loop`` scans export as one op each for the duration."""
+    token = _ACTIVE.set(True)
+    try:
+        yield {torch.ops.rmeeto.ssd_scan.default: ssd_scan_onnx, torch.ops.rmeeto.loop_scan.default: loop_scan_onnx}
+    finally:
+        _ACTIVE.reset(token)
+
+
+def _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    """The shared preamble in ONNX ops: cast to the accumulation type, bias + softplus on
+    delta. Returns ``(acc, const, (u, delta, A, B, C, D, z))``."""
+    acc = _DOUBLE if int(u.dtype) == _DOUBLE else _FLOAT
+    cast = lambda v: v if v is None or int(v.dtype) == acc else op.Cast(v, to=acc)  # noqa: E731
+    u, delta, A, B, C, D, z, delta_bias = map(cast, (u, delta, A, B, C, D, z, delta_bias))
+    np_acc = np.float64 if acc == _DOUBLE else np.float32
+    const = lambda a: op.Constant(value=ir.tensor(np.asarray(a, dtype=np_acc)))  # noqa: E731
+    if delta_bias is not None:
+        delta = op.Add(delta, op.Unsqueeze(delta_bias, [1]))
+    if delta_softplus:
+        delta = _softplus(delta, const)
+    return acc, const, (u, delta, A, B, C, D, z)
+
+
+def _finish(y, u, D, z, acc: int, out_type: int):
+    """The shared epilogue: ``+ D u``, gate with ``silu(z)``, cast back."""
+    if D is not None:
+        y = op.Add(y, op.Mul(u, op.Unsqueeze(D, [1])))
+    if z is not None:
+        y = op.Mul(y, op.Mul(z, op.Sigmoid(z)))
+    return y if out_type == acc else op.Cast(y, to=out_type)
+
+
+def ssd_scan_onnx(u: T, delta: T, A: T, B: T, C: T, D: Optional[T] = None, z: Optional[T] = None,
+                  delta_bias: Optional[T] = None, delta_softplus: bool = False) -> T:
+    """ONNX translation of ``rmeeto::ssd_scan`` (traced by the exporter: ``op.*`` calls become
+    nodes). The computation of :func:`selective_scan_ssd`, arranged for ONNX Runtime's kernels
+    (each choice below measured on its CPU provider): per-chunk quantities come from ``ReduceSum``
+    over the chunk halves (a strided ``Slice`` of the last axis costs twice as much), the carries
+    run on ``(nc, ...)`` tensors (contiguous rows), softplus is composed from ``Exp``/``Log``
+    (``Softplus`` is five times slower). The batch may be dynamic; ``d``, ``n``, ``l`` are static."""
+    out_type = int(u.dtype)
+    d, l, n = int(u.shape[1]), int(u.shape[2]), int(A.shape[1])  # before any Cast (its output has no shape)
+    acc, const, (u, delta, A, B, C, D, z) = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    np_acc = np.float64 if acc == _DOUBLE else np.float32
+    T_, K = ssd_params(torch.float64 if acc == _DOUBLE else torch.float32)
+    nc, half = -(-l // T_), T_ // 2
+    pad = nc * T_ - l
+    x = op.Mul(delta, u)
+    dl, x, Bp, Cp = ((op.Pad(t, [0, 0, 0, 0, 0, pad]) if pad else t) for t in (delta, x, B, C))
+    chunked = lambda t, rows: op.Reshape(t, [0, *rows, nc, T_])  # noqa: E731  (b, ..., nc, T)
+    logd = op.Max(op.Mul(chunked(dl, [d, 1]), op.Reshape(A, [1, d, n, 1, 1])), const(-K))
+    S = op.MatMul(logd, const(relative_cumsum_matrix(T_, np_acc)))  # the reference is the last step of the first half
+    E = op.Exp(S)
+    W = op.Div(op.Mul(chunked(x, [d, 1]), chunked(Bp, [1, n])), E)
+    # per chunk: log-decays of its two halves, the sum of W; moved to (nc, ...) for the carries
+    halves = op.ReduceSum(op.Reshape(logd, [0, d, n, nc, 2, half]), [-1], keepdims=0)  # (b, d, n, nc, 2)
+    to_ref, rest = op.Split(op.Transpose(halves, perm=[3, 4, 0, 1, 2]), num_outputs=2, axis=1)  # (nc, 1, b, d, n)
+    w_sum = op.Unsqueeze(op.Transpose(op.ReduceSum(W, [-1], keepdims=0), perm=[3, 0, 1, 2]), [1])
+    h_in = _chunk_carries_onnx(op.Exp(op.Add(to_ref, rest)), op.Mul(op.Exp(rest), w_sum), nc)
+    c = op.Reshape(op.Transpose(op.Mul(op.Exp(to_ref), h_in), perm=[2, 3, 4, 0, 1]), [-1, 1])
+    G = op.Gemm(op.Reshape(W, [-1, T_]), const(upper_ones(T_, np_acc)), c)  # cumulative sums + carry
+    y = op.ReduceSum(op.Mul(op.Mul(E, op.Reshape(G, [-1, d, n, nc, T_])), chunked(Cp, [1, n])), [2], keepdims=0)
+    y = op.Reshape(y, [0, d, nc * T_])
+    if pad:
+        y = op.Slice(y, [0], [l], [-1])
+    return _finish(y, u, D, z, acc, out_type)
+
+
+def loop_scan_onnx(u: T, delta: T, A: T, B: T, C: T, D: Optional[T] = None, z: Optional[T] = None,
+                   delta_bias: Optional[T] = None, delta_softplus: bool = False) -> T:
+    """ONNX translation of ``rmeeto::loop_scan``: one ``Scan`` over the tokens. Per token the
+    body computes ``h ← exp(Δ_t A) ⊙ h + Δ_t u_t B_t`` and ``y_t = h · C_t`` (``A`` is read
+    from the outer scope); the state ``(b, d, n)`` is the Scan's carry."""
+    out_type = int(u.dtype)
+    batch, d, n = u.shape[0], int(u.shape[1]), int(A.shape[1])  # before any Cast (its output has no shape)
+    acc, const, (u, delta, A, B, C, D, z) = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    tokens_first = lambda t, axis: op.Unsqueeze(op.Transpose(t, perm=[2, 0, 1]), [axis])  # noqa: E731
+    xs = (tokens_first(delta, 3), tokens_first(op.Mul(delta, u), 3), tokens_first(B, 2), tokens_first(C, 3))
+    h0 = op.ConstantOfShape(op.Concat(op.Shape(u, start=0, end=1), op.Constant(value_ints=[d, n]), axis=0),
+                            value=ir.tensor(np.zeros(1, dtype=np.float64 if acc == _DOUBLE else np.float32)))
+    _, ys = _call_op("Scan", h0, *xs, body=_loop_body(A, batch, d, n, acc), num_scan_inputs=4, _num_outputs=2)
+    return _finish(op.Transpose(op.Squeeze(ys, [3]), perm=[1, 2, 0]), u, D, z, acc, out_type)
+
+
+def _call_op(*args, **kwargs):
+    """An ONNX node with several outputs (onnxscript's ``op.Scan`` gives one): the exporter's own
+    helper for its ``Scan``/``If`` translations (PyTorch 2.6 and newer)."""
+    try:
+        from torch.onnx._internal.exporter._torchlib.ops.hop import call_op
+    except ImportError as e:  # pragma: no cover - depends on the PyTorch version
+        raise NotImplementedError(f"the 'loop' export needs PyTorch 2.6 or newer ({e}): export with scan 'ssd'") from e
+    return call_op(*args, **kwargs)
+
+
+def _loop_body(A, batch, d: int, n: int, acc: int):
+    """The Scan body: inputs ``h (b, d, n)``, ``Δ_t (b, d, 1)``, ``Δ_t u_t (b, d, 1)``,
+    ``B_t (b, 1, n)``, ``C_t (b, n, 1)``; outputs ``h`` and ``y_t (b, d, 1)``."""
+    b = batch if isinstance(batch, int) else None
+    typ = ir.TensorType(ir.DataType(acc))
+    value = lambda name, *dims: ir.Value(name=name, shape=ir.Shape([b, *dims]), type=typ)  # noqa: E731
+    h, dt, xt, bt, ct = value("h", d, n), value("dt", d, 1), value("xt", d, 1), value("bt", 1, n), value("ct", n, 1)
+    nodes = [ir.Node("", "Mul", [dt, A], name="decay_log")]
+    nodes.append(ir.Node("", "Exp", [nodes[-1].outputs[0]], name="decay"))
+    nodes.append(ir.Node("", "Mul", [nodes[-1].outputs[0], h], name="decayed"))
+    nodes.append(ir.Node("", "Mul", [xt, bt], name="input"))
+    nodes.append(ir.Node("", "Add", [nodes[2].outputs[0], nodes[3].outputs[0]], name="state"))
+    nodes.append(ir.Node("", "MatMul", [nodes[4].outputs[0], ct], name="readout"))
+    h_out, y = nodes[4].outputs[0], nodes[5].outputs[0]
+    h_out.name, y.name = "h_out", "y_t"
+    h_out.shape, h_out.type, y.shape, y.type = ir.Shape([b, d, n]), typ, ir.Shape([b, d, 1]), typ
+    return ir.Graph([h, dt, xt, bt, ct], [h_out, y], nodes=nodes, name="selective_scan_step")
+
+
+def _softplus(x, const):
+    """``torch.nn.functional.softplus`` (threshold 20) from ``Exp``/``Log``: ``log1p(exp(x))``
+    with ``log1p(y) = log(1 + y) · y / ((1 + y) − 1)``, exact to rounding where ``1 + y`` is
+    inexact, and ``y`` itself where ``1 + y`` rounds to 1."""
+    y = op.Exp(op.Min(x, const(20.0)))
+    one_y = op.Add(y, const(1.0))
+    denom = op.Sub(one_y, const(1.0))
+    tiny = op.Equal(denom, const(0.0))
+    log1p = op.Where(tiny, y, op.Div(op.Mul(op.Log(one_y), y), op.Where(tiny, const(1.0), denom)))
+    return op.Where(op.Greater(x, const(20.0)), x, log1p)
+
+
+def _chunk_carries_onnx(a, e, nc: int):
+    """State entering each chunk along axis 0: ``h_0 = 0``, ``h_{c+1} = a_c ⊙ h_c + e_c``;
+    sequential over the ``nc`` chunks (each step two small ops on contiguous rows)."""
+    if nc == 1:
+        return op.Sub(e, e)  # zeros of e's shape (e is finite)
+    a_s = op.Split(a, num_outputs=nc, axis=0)
+    e_s = op.Split(e, num_outputs=nc, axis=0)
+    h = e_s[0]
+    states = [op.Sub(h, h), h]
+    for c in range(1, nc - 1):
+        h = op.Add(op.Mul(a_s[c], h), e_s[c])
+        states.append(h)
+    return op.Concat(*states, axis=0)
