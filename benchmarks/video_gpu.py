@@ -133,8 +133,8 @@ def check_limits(device: str, width: int = 192) -> dict:
         fell_back = auto(h1, h1.float())[0].shape[1] == n + 1 - 88
     agree = (got[2] == want[2]).all(-1)
     return {"max_tokens": n, "at_max_differing": int((~agree).sum()), "at_max_hidden_rel": _rel(got[0][agree], want[0][agree]),
-            "supports_max": fast.supports(ordered=True, distance="cosine", tokens=n, width=width),
-            "supports_max_plus_1": fast.supports(ordered=True, distance="cosine", tokens=n + 1, width=width),
+            "supports_max": fast.supports(ordered=True, distance="cosine", tokens=n, width=width, dtype=torch.float32),
+            "supports_max_plus_1": fast.supports(ordered=True, distance="cosine", tokens=n + 1, width=width, dtype=torch.float32),
             "auto_beyond_max_runs_reference": bool(fell_back)}
 
 

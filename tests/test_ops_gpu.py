@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 
+from compressor import ops
 from compressor.models import create_model, set_backend
 from compressor.ops import (
     add_rms_norm,
@@ -279,7 +280,11 @@ def test_model_cuda_matches_ref_fp32():
         out_auto = set_backend(model, "auto")(img)
     assert out_cuda.shape == (4, 1000)
     assert rel_err(out_cuda, out_ref) < 1e-4
-    assert torch.equal(out_auto, out_cuda)  # auto picks the kernels on CUDA
+    picked = ops.resolve_backend("auto", img)  # the first present of ops.AUTO_CUDA_ORDER
+    assert picked in ("triton", "cuda")
+    with torch.no_grad():
+        out_picked = set_backend(model, picked)(img)
+    assert torch.equal(out_auto, out_picked)
 
 
 @pytest.mark.parametrize("dtype", LOWP, ids=str)

@@ -34,7 +34,7 @@ def test_triton_merge_at_video_length(d, r):
     """VideoMamba-Ti/S/M widths at 1569 tokens, sizes from an earlier merge. Both sides score in
     fp32 with another summation order: a near-tie at the cut may flip one source (one or two
     output tokens); the tokens that agree agree to fp32 rounding."""
-    assert fast.supports(ordered=True, distance="cosine", tokens=TOKENS, width=d)
+    assert fast.supports(ordered=True, distance="cosine", tokens=TOKENS, width=d, dtype=torch.float32)
     g = torch.Generator(device="cuda").manual_seed(d + r)
     h = torch.randn(4, TOKENS, d, device="cuda", generator=g)
     res = torch.randn(4, TOKENS, d, device="cuda", generator=g)
@@ -50,8 +50,8 @@ def test_triton_merge_at_video_length(d, r):
 
 def test_the_longest_sequence_and_one_more():
     n = fast.MAX_TOKENS
-    assert fast.supports(ordered=True, distance="cosine", tokens=n, width=192)
-    assert not fast.supports(ordered=True, distance="cosine", tokens=n + 1, width=192)
+    assert fast.supports(ordered=True, distance="cosine", tokens=n, width=192, dtype=torch.float32)
+    assert not fast.supports(ordered=True, distance="cosine", tokens=n + 1, width=192, dtype=torch.float32)
     g = torch.Generator(device="cuda").manual_seed(0)
     h = torch.randn(1, n, 192, device="cuda", generator=g)
     got, want = fast.fast_merge(h, h, None, 88, 0, 0), reference(h, h, None, 88, 0, 0)
