@@ -169,7 +169,7 @@ def test_triton_backend_resolution(monkeypatch):
     assert resolve_backend("triton", x) == "triton"
     assert resolve_backend("auto", torch.zeros(1)) == "ref"  # CPU auto stays the reference
     monkeypatch.setattr(ops, "_exporting", lambda: True)
-    assert resolve_backend("triton", x) == "chunked"  # exporting stays on the export path
+    assert resolve_backend("triton", x) == ops.EXPORT_SCAN_DEFAULT  # exporting stays on the export path
 
 
 def test_triton_backend_falls_back_for_standalone_ops():

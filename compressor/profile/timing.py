@@ -133,6 +133,8 @@ def _ort_cuda_available() -> bool:
 def _bound_run(session, x: torch.Tensor) -> Callable[[], Any]:
     """``run()`` on a CUDA session with the input read in place from ``x`` and the output left
     on the GPU (no host copies in the timed call); returns once the GPU work is done."""
+    import numpy as np  # onnxruntime's own dependency
+
     io = session.io_binding()
     np_dtype = np.float16 if x.dtype == torch.float16 else np.float32
     io.bind_input(session.get_inputs()[0].name, "cuda", x.device.index or 0, np_dtype, tuple(x.shape), x.data_ptr())
