@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["RmeetoError", "CheckpointError", "RecipeError", "BackendUnavailable", "ShapeError"]
+__all__ = ["RmeetoError", "CheckpointError", "RecipeError", "BackendUnavailable", "ShapeError", "first_line"]
 
 
 class RmeetoError(Exception):
@@ -23,3 +23,12 @@ class BackendUnavailable(RmeetoError):
 
 class ShapeError(RmeetoError):
     """An input does not have the shape a (static-shape) compressed model was built for."""
+
+
+def first_line(e: BaseException, *, with_type: bool = False, limit: int | None = None) -> str:
+    """The first non-empty line of an exception's message (its type's name when it has none), for
+    one-line errors and report notes; ``with_type`` prefixes ``TypeName: ``, ``limit`` caps it."""
+    text = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    if with_type or not text:
+        text = f"{type(e).__name__}: {text}".rstrip(": ") if text else type(e).__name__
+    return text if limit is None else text[:limit]

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .errors import RmeetoError
+from .errors import RmeetoError, first_line
 
 __all__ = ["GraphedModel", "optimize_for_inference", "capture_graph"]
 
@@ -90,7 +90,7 @@ class GraphedModel(nn.Module):
                 graph, static_out = capture_graph(self.model, static_in)
         except Exception as e:  # noqa: BLE001 -- any capture failure falls back to eager, with the reason
             torch.cuda.synchronize()
-            self.note = f"CUDA graph capture failed ({type(e).__name__}: {str(e).strip()[:160]}): running eager"
+            self.note = f"CUDA graph capture failed ({first_line(e, with_type=True, limit=200)}): running eager"
             log.warning(self.note)
             self._graphs[key] = None
             return None

@@ -7,7 +7,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from ..errors import RmeetoError
+from ..errors import RmeetoError, first_line
 
 __all__ = ["make_student", "prepare_teacher", "amp_settings", "build_optimizer", "build_scheduler", "scaled_lr", "lr_warning"]
 
@@ -43,7 +43,7 @@ def make_student(model: nn.Module, recipe) -> nn.Module:
     try:
         student.load_state_dict(model.state_dict(), strict=True)
     except RuntimeError as e:
-        raise RmeetoError(f"cannot copy the weights into the student: {str(e).splitlines()[0]}") from None
+        raise RmeetoError(f"cannot copy the weights into the student: {first_line(e)}") from None
     _copy_backend(model, student)
     return student.train().requires_grad_(True)
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .._io import atomic_torch_save
-from ..errors import CheckpointError, RmeetoError
+from ..errors import CheckpointError, RmeetoError, first_line
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -86,7 +86,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user problem
-        reason = " ".join(str(e).split())[:160]
+        reason = first_line(e, limit=160)
         raise CheckpointError(f"training checkpoint {path} cannot be read ({reason}): start a new run without --resume") from None
     if not isinstance(obj, dict) or obj.get("rmeeto_checkpoint") != CHECKPOINT_FORMAT:
         raise CheckpointError(

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import RmeetoError
+from ..errors import RmeetoError, first_line
 
 __all__ = ["VIDEO_EXTENSIONS", "ClipFolder", "ClipMixup", "sample_indices", "read_clip", "build_clip_train_transform",
            "build_clip_eval_transform", "is_clip"]
@@ -68,7 +68,7 @@ def sample_indices(total: int, frames: int, *, train: bool, generator: torch.Gen
 
 
 def _decode_error(path: Path, e: Exception) -> RmeetoError:
-    msg = " ".join(str(e).split())[:160] or type(e).__name__
+    msg = first_line(e, limit=160)
     return RmeetoError(f"cannot decode the video {path} ({msg}): re-encode it (e.g. H.264 .mp4) or store it as a folder of frames")
 
 
@@ -116,7 +116,7 @@ def _read_frames(folder: Path, frames: int, train: bool, generator) -> np.ndarra
             with Image.open(files[i]) as im:
                 out.append(np.asarray(im.convert("RGB")))
         except (UnidentifiedImageError, OSError) as e:
-            raise RmeetoError(f"cannot read the frame {files[i]} ({' '.join(str(e).split())[:120]})") from None
+            raise RmeetoError(f"cannot read the frame {files[i]} ({first_line(e, limit=120)})") from None
     if len({a.shape for a in out}) > 1:
         raise RmeetoError(f"the frames of {folder} differ in size: store one clip's frames at one resolution")
     return np.stack(out)

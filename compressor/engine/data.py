@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from ..errors import RmeetoError
+from ..errors import RmeetoError, first_line
 from .clips import VIDEO_EXTENSIONS, ClipFolder, ClipMixup, build_clip_eval_transform, build_clip_train_transform, is_clip
 
 __all__ = [
@@ -234,7 +234,7 @@ def _image_folder(split: Path, transform):
     try:
         return ImageFolder(str(split), transform=transform)
     except (FileNotFoundError, OSError) as e:
-        raise RmeetoError(f"cannot read the images of {split}: {' '.join(str(e).split())[:200]}") from None
+        raise RmeetoError(f"cannot read the images of {split}: {first_line(e, limit=200)}") from None
 
 
 def build_train_loader(spec: DataSpec, img_size: int, retrain, *, batch_size: int, num_workers: int,

@@ -14,29 +14,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..errors import RmeetoError
+from .._device import resolve_device
 
 __all__ = ["Dist", "init_distributed", "resolve_device"]
-
-
-def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
-    """``None``/``auto``: ``cuda:LOCAL_RANK`` when CUDA is available, else CPU."""
-    if device in (None, "", "auto"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise RmeetoError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RmeetoError(f"device {device} asked for but CUDA is not available here: use --device cpu")
-        if dev.index is None:
-            dev = torch.device("cuda", local_rank)
-        if dev.index >= torch.cuda.device_count():
-            raise RmeetoError(f"device {dev} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
-    elif dev.type != "cpu":
-        raise RmeetoError(f"device type {dev.type!r} is not supported: use cpu or cuda")
-    return dev
 
 
 @dataclass

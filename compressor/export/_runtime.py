@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import os
 
-from ..errors import RmeetoError
+from ..errors import RmeetoError, first_line
 
 __all__ = ["CPU", "CUDA", "providers", "cuda_available", "install_note", "make_session", "check_chains", "preload_note"]
 
@@ -87,8 +87,7 @@ def make_session(path, chain: list[str], *, threads: int | None = None, cuda_gra
     try:
         sess = ort.InferenceSession(str(path), opts, providers=spec)
     except Exception as e:  # onnxruntime raises its own pybind exception types (Fail, InvalidGraph, ...)
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RmeetoError(f"ONNX Runtime cannot load the exported graph on {chain[0]}: {text}") from e
+        raise RmeetoError(f"ONNX Runtime cannot load the exported graph on {chain[0]}: {first_line(e)}") from e
     if sess.get_providers()[0] != chain[0]:
         hint = f" ({preload_note()})" if preload_note() else ""
         raise RmeetoError(f"ONNX Runtime did not start {chain[0]}{hint}: check that the CUDA libraries of onnxruntime-gpu are installed")

@@ -44,7 +44,7 @@ from google.protobuf.message import DecodeError
 from .. import ops
 from .._version import __version__
 from .._io import atomic_write
-from ..errors import RmeetoError, ShapeError
+from ..errors import RmeetoError, ShapeError, first_line
 from ..merge.schedule import tokens_per_layer
 from ..models.vim import BiMambaMixer, RMSNorm, set_backend
 from ._graph import block_node_counts, light_optimize
@@ -204,7 +204,7 @@ def _export(model: nn.Module, shape: tuple, opset: int | None, dynamic_batch: bo
                 verbose=False,
             )
         except torch.onnx.OnnxExporterError as e:
-            raise RmeetoError(f"ONNX export failed: {_first_line(e.__cause__ or e)}") from e
+            raise RmeetoError(f"ONNX export failed: {first_line(e.__cause__ or e)}") from e
     light_optimize(program.model)
     return program
 
@@ -317,7 +317,7 @@ def _load_header(path) -> onnx.ModelProto:
     try:
         return onnx.load(str(path), load_external_data=False)
     except (DecodeError, OSError, ValueError) as e:
-        raise RmeetoError(f"{path} is not a readable ONNX model ({_first_line(e)}): re-export it with `rmeeto export`") from None
+        raise RmeetoError(f"{path} is not a readable ONNX model ({first_line(e)}): re-export it with `rmeeto export`") from None
 
 
 def check_onnx_file(path: str | os.PathLike) -> dict[str, str]:
@@ -329,7 +329,7 @@ def check_onnx_file(path: str | os.PathLike) -> dict[str, str]:
     try:
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as e:
-        raise RmeetoError(f"{path} is not a valid ONNX model ({_first_line(e)}): re-export it with `rmeeto export`") from None
+        raise RmeetoError(f"{path} is not a valid ONNX model ({first_line(e)}): re-export it with `rmeeto export`") from None
     return {p.key: p.value for p in _load_header(path).metadata_props}
 
 
@@ -367,6 +367,3 @@ def _fmt(dims) -> str:
     return "x".join(str(d) for d in dims)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -21,7 +21,7 @@ from typing import Iterable
 import torch.fx as fx
 import torch.nn as nn
 
-from ..errors import RmeetoError
+from ..errors import RmeetoError, first_line
 
 __all__ = ["MambaTracer", "trace", "foreign_functions"]
 
@@ -175,7 +175,7 @@ def _trace_failure(model: nn.Module, e: Exception) -> str:
         if "torch/fx" not in code.co_filename and "/compressor/" not in code.co_filename:
             where = f" at {code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno} ({code.co_name})"
         tb = tb.tb_next
-    msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    msg = first_line(e, limit=200)
     return (
         f"cannot trace {type(model).__name__}.forward with torch.fx{where}: {msg}; rmeeto traces only the modules "
         "that hold the blocks: move data-dependent code into a submodule, or name it in hints={'leaves': [...]} "

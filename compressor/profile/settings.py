@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .._device import resolve_device
 from .. import ops
 from ..errors import RmeetoError
 from ..merge import MERGE_IMPLS
@@ -96,11 +97,7 @@ class ProfileSettings:
 
     def resolved(self) -> "ProfileSettings":
         """Validated copy with every ``None`` made concrete for the device."""
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
-        if device not in ("cuda", "cpu"):
-            raise RmeetoError(f"unknown device {device!r}: choose cuda or cpu")
-        if device == "cuda" and not torch.cuda.is_available():
-            raise RmeetoError("CUDA is not available on this machine: profile with --device cpu")
+        device = resolve_device(self.device, indexed=False, fallback="--device cpu").type
         s = self._with_device_defaults(device)
         dtype = s.dtype or ("fp16" if device == "cuda" else "fp32")
         if dtype not in DTYPES:

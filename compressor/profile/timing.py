@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from ..errors import first_line
 from .stats import spread
 
 __all__ = ["EXEC_BACKENDS", "Runner", "Unavailable", "prepare_runner", "measure", "time_backend", "close_cache"]
@@ -319,5 +320,4 @@ def time_backend(model: nn.Module, backend: str, x: torch.Tensor, *, warmup: int
 
 def _short(e: BaseException) -> str:
     """First line of an exception, capped (the report keeps one line per note)."""
-    text = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}".rstrip(": ")
-    return text[:200]
+    return first_line(e, with_type=True, limit=200)

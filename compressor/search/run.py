@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .. import ops
+from .._device import resolve_device
 from .._io import atomic_write_text
 from ..errors import RmeetoError
 from ..merge import MERGE_IMPLS, inference_merge_impl
@@ -71,11 +72,7 @@ class SearchSettings:
             raise RmeetoError(f"--target-speedup must be > 0, got {self.target_speedup}")
         if self.target_latency_ms is not None and not self.target_latency_ms > 0:
             raise RmeetoError(f"--target-latency-ms must be > 0, got {self.target_latency_ms}")
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
-        if device not in ("cuda", "cpu"):
-            raise RmeetoError(f"unknown device {device!r}: choose cuda or cpu")
-        if device == "cuda" and not torch.cuda.is_available():
-            raise RmeetoError("CUDA is not available on this machine: search with --device cpu")
+        device = resolve_device(self.device, indexed=False, fallback="--device cpu").type
         dtype = self.dtype or ("fp16" if device == "cuda" else "fp32")
         if dtype not in DTYPES:
             raise RmeetoError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
