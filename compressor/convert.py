@@ -32,7 +32,7 @@ from .errors import CheckpointError, RecipeError, RmeetoError
 from .fx import (Hints, TokenLayout, find_block_calls, find_block_stack, find_readouts, foreign_functions, guard_input,
                  insert_merges, probe, rewrite_readouts, trace, zoo_readouts)
 from .fx.discover import containers_of, token_frames_of
-from .merge.schedule import MergeConfig, MergeStep, merge_schedule
+from .merge.schedule import MergeConfig, MergeStep, cls_positions, merge_schedule
 from .models.config import VimConfig
 from .models.vim import VisionMamba
 
@@ -234,9 +234,9 @@ def _convert_foreign(model: nn.Module, recipe, example, hints: Hints, factory) -
     return out
 
 
-def _class_token(positions: list[int], readouts) -> int | None:
-    """The protected position: the class token the readout reads (or the one a mean readout
-    leaves in the sequence)."""
+def _class_token(positions: list[int], readouts) -> int | tuple[int, int] | None:
+    """The protected positions: the class token(s) the readout reads (or that a mean readout
+    leaves in the sequence): one index, or a tuple of two (hustvl/Vim's head and tail tokens)."""
     read = sorted({r.position for r in readouts if r.kind == "token"})
     bad = [p for p in read if p not in positions]
     if bad:
@@ -246,8 +246,7 @@ def _class_token(positions: list[int], readouts) -> int | None:
             "token sits there; if it is a class token, name its parameter with hints={'cls_param': '<name>'}"
         )
     if len(positions) > 1:
-        raise RmeetoError(f"two class tokens (positions {positions}): rmeeto protects one class token today; "
-                          "convert a single-class-token variant")
+        return tuple(sorted(positions))
     return positions[0] if positions else None
 
 
@@ -298,7 +297,7 @@ def _finish(gm: fx.GraphModule, calls, readouts, layout: TokenLayout, recipe, *,
     guard_input(gm, layout.input_shape)
     size = insert_merges(gm, calls, steps, recipe.merge)
     final = steps[-1].cls_out if steps else layout.cls_index
-    rewrite_readouts(gm, readouts, {layout.cls_index: final}, size)
+    rewrite_readouts(gm, readouts, dict(zip(cls_positions(layout.cls_index), cls_positions(final))), size)
     gm.graph.lint()
     info = ConversionInfo(recipe, tuple(steps), layout, cfg=cfg, factory=factory, hints=hints or {})
     out = ConvertedModel(gm, gm.graph, info)

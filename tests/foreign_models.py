@@ -15,6 +15,9 @@ post-hoc conversion tests (``compressor.convert`` on foreign model objects).
 - :class:`OfficialLikeVideo`: VideoMamba's video structure: a 3-d patch convolution, the class
   token prepended on the (batch · frames) axis and sliced back, a temporal position table (its
   rows tell the frame count: no ``num_frames`` attribute), reshapes on traced sizes.
+- :class:`DoubleClsVim`: hustvl/Vim's ``use_double_cls_token``: a head class token at 0 and a
+  tail one at ``M + 1`` (separate parameters), positions kept in a Python list built from a traced
+  size, ``(hidden, residual)`` blocks, readout the mean of the two class tokens.
 - :class:`TwoStacks` (interleaved stacks) for the error path.
 
 The factories at the bottom are what ``--model-factory foreign_models:<name>`` names in tests.
@@ -242,6 +245,31 @@ class OfficialLikeVideo(nn.Module):
         return self.classifier(out[:, 0, :])
 
 
+class DoubleClsVim(nn.Module):
+    def __init__(self, depth=6, dim=32, img=32, patch=8, classes=10):
+        super().__init__()
+        self.img_size = img
+        self.patch_embed = nn.Conv2d(3, dim, patch, patch)
+        n = (img // patch) ** 2
+        self.cls_token_head = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.cls_token_tail = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, n + 2, dim) * 0.02)
+        self.layers = nn.ModuleList(MambaLayer(dim) for _ in range(depth))
+        self.norm_f_w = nn.Parameter(torch.ones(dim))
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, img):
+        x = self.patch_embed(img).flatten(2).transpose(1, 2)
+        B, M, _ = x.shape
+        token_position = [0, M + 1]
+        x = torch.cat((self.cls_token_head.expand(B, -1, -1), x, self.cls_token_tail.expand(B, -1, -1)), dim=1)
+        hidden, residual = x + self.pos_embed, None
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual)
+        h = foreign_ops.fused_add_rms_norm(hidden, self.norm_f_w, residual, prenorm=False)
+        return self.head((h[:, token_position[0], :] + h[:, token_position[1], :]) / 2)
+
+
 class TwoStacks(nn.Module):
     """Two block stacks called alternately: cannot be merged consistently."""
 
@@ -288,3 +316,7 @@ def mean_pool_nested(seed=0, **kw):
 
 def official_like_video(seed=0, **kw):
     return _seeded(OfficialLikeVideo, seed, **kw)
+
+
+def double_cls(seed=0, **kw):
+    return _seeded(DoubleClsVim, seed, **kw)

@@ -86,9 +86,10 @@ def zoo_readouts(gm: fx.GraphModule) -> list[Readout]:
 
 
 def rewrite_readouts(gm: fx.GraphModule, readouts: list[Readout], new_position: dict, size: fx.Node | None) -> None:
-    """Point each class-token readout at the class token's final position (only that use of the
-    index changes: the same index node may also have placed the class token) and make mean
-    readouts size-weighted."""
+    """Point each class-token readout at its class token's final position (``new_position``:
+    input position → final position, one entry per class token; only that use of the index
+    changes: the same index node may also have placed the class token) and make mean readouts
+    size-weighted."""
     for r in readouts:
         if r.kind == "module":
             index = None if r.position is None else new_position[r.position]

@@ -6,6 +6,8 @@ of any ``(b, L, c)`` tensor into their output slots with the same assignment; si
 averaging is ``merge(x * size) / merge(size)`` (:func:`merge_wavg`). The class token is taken
 out before matching and comes back at ``cls_out``; that re-insertion is folded into the same
 slot map, so one ``scatter_add`` moves every token (hidden states, residual, sizes, sources).
+Two class tokens (``cls_in``/``cls_out`` tuples of two ascending positions) are handled the same
+way: both are taken out, neither is a source, a destination or part of the scores.
 :func:`merge_ref` is the whole merge node (hidden, residual, sizes) in that form: the pure-PyTorch
 twin of :func:`compressor.merge.fast.fast_merge`, with the same signature.
 
@@ -83,10 +85,19 @@ def _stable_order(v: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(rank).scatter_(1, rank, torch.arange(n, device=v.device).expand_as(rank))
 
 
-def _drop_cls(x: torch.Tensor, cls_in: int | None) -> torch.Tensor:
-    if cls_in is None:
-        return x
-    return torch.cat([x[:, :cls_in], x[:, cls_in + 1 :]], dim=1)
+def _positions(cls) -> tuple[int, ...]:
+    """``None`` → ``()``, an index → ``(i,)``, a tuple of ascending indices as it is."""
+    if cls is None:
+        return ()
+    return tuple(cls) if isinstance(cls, (tuple, list)) else (cls,)
+
+
+def _drop_cls(x: torch.Tensor, cls_in) -> torch.Tensor:
+    """``x: (b, L, ...)`` without the class tokens at ``cls_in`` (the last one first, so that the
+    earlier indices still hold)."""
+    for p in reversed(_positions(cls_in)):
+        x = torch.cat([x[:, :p], x[:, p + 1 :]], dim=1)
+    return x
 
 
 def patch_slots(metric, r, *, ordered=True, prune=False, distance="cosine"):
@@ -125,15 +136,19 @@ def patch_slots(metric, r, *, ordered=True, prune=False, distance="cosine"):
 
 
 def slot_map(metric, r, cls_in=None, cls_out=None, *, ordered=True, prune=False, distance="cosine") -> torch.Tensor:
-    """Output slot of every token of ``metric: (b, L, c)`` (class token at ``cls_in``, or None)
-    when ``r`` are removed: ``(b, L)`` long in ``[0, L - r)``, the class token alone at
-    ``cls_out``; with ``prune`` the dropped sources get slot ``L - r`` (an extra bin)."""
+    """Output slot of every token of ``metric: (b, L, c)`` (class token at ``cls_in``, or None;
+    two class tokens: tuples of two ascending positions) when ``r`` are removed: ``(b, L)`` long
+    in ``[0, L - r)``, each class token alone at its ``cls_out``; with ``prune`` the dropped
+    sources get slot ``L - r`` (an extra bin)."""
     b = metric.shape[0]
     slot = patch_slots(_drop_cls(metric, cls_in), r, ordered=ordered, prune=prune, distance=distance)
-    if cls_in is not None:  # make room for the class token and put it back in the same map
-        slot = slot + (slot >= cls_out).long()
-        cls_slot = torch.full((b, 1), cls_out, dtype=torch.long, device=slot.device)
-        slot = torch.cat([slot[:, :cls_in], cls_slot, slot[:, cls_in:]], dim=1)
+    # make room for each class token (ascending output slots, so earlier ones stay put), then put
+    # it back into the same map at its input position (ascending, so earlier ones stay put)
+    for q in _positions(cls_out):
+        slot = slot + (slot >= q).long()
+    for p, q in zip(_positions(cls_in), _positions(cls_out)):
+        cls_slot = torch.full((b, 1), q, dtype=torch.long, device=slot.device)
+        slot = torch.cat([slot[:, :p], cls_slot, slot[:, p:]], dim=1)
     return slot
 
 
@@ -145,7 +160,7 @@ def _sum_into(slot: torch.Tensor, x: torch.Tensor, out_len: int, prune: bool) ->
 
 
 def match(metric, r, cls_in=None, cls_out=None, *, ordered=True, prune=False, distance="cosine") -> Merge:
-    """Plan one merge on ``metric: (b, L, c)`` (class token at ``cls_in``, or None) removing
+    """Plan one merge on ``metric: (b, L, c)`` (class token at ``cls_in``, a tuple of two, or None) removing
     ``r`` tokens; returns ``merge(x: (b, L, k)) -> (b, L - r, k)`` that sums tokens into slots,
     the class token landing alone at ``cls_out``."""
     slot = slot_map(metric, r, cls_in, cls_out, ordered=ordered, prune=prune, distance=distance)
@@ -172,8 +187,8 @@ def apply_slots(slot: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor
 
 
 def merge_ref(hidden: torch.Tensor, residual: torch.Tensor, size: torch.Tensor | None, r: int,
-              cls_in: int | None, cls_out: int | None, *, prune: bool = False, ordered: bool = True,
-              distance: str = "cosine"):
+              cls_in: int | tuple[int, ...] | None, cls_out: int | tuple[int, ...] | None, *, prune: bool = False,
+              ordered: bool = True, distance: str = "cosine"):
     """One merge (or prune) of ``r`` tokens, matching on ``hidden``, in pure PyTorch (any device,
     autograd, exportable): the reference of :func:`~compressor.merge.fast.fast_merge`.
 
@@ -181,7 +196,7 @@ def merge_ref(hidden: torch.Tensor, residual: torch.Tensor, size: torch.Tensor |
     ``(hidden', residual', size')`` with ``L - r`` tokens, dtypes kept, ``size'`` fp32. A merged
     token is the size-weighted mean of its members (the residual with the same weights).
     """
-    n = hidden.shape[1] - int(cls_in is not None)
+    n = hidden.shape[1] - len(_positions(cls_in))
     if not 0 <= r <= (n + 1) // 2:
         raise ValueError(f"cannot remove {r} of {n} tokens: at most {(n + 1) // 2} (one per source)")
     slot = slot_map(hidden.detach(), r, cls_in, cls_out, ordered=ordered, prune=prune, distance=distance)

@@ -22,7 +22,7 @@ Here one merge is three launches, with no host synchronisation and no data-depen
 Scores, zero/NaN tokens and ties follow the reference bit for bit where the dot products agree
 (see :mod:`compressor.merge.bipartite`). Limits (the dispatcher, :mod:`compressor.merge.dispatch`,
 falls back to the reference outside them): ordered merge or prune with the cosine distance (the
-paper's setting), fp16/bf16/fp32 hidden states and residual, sequences up to 4096 tokens, widths
+paper's setting), no class token or one (two class tokens take the reference), fp16/bf16/fp32 hidden states and residual, sequences up to 4096 tokens, widths
 up to 4096.
 
 Gradients: the merged tokens are linear in hidden states, residual and sizes once the assignment
@@ -66,8 +66,11 @@ def available() -> bool:
 
 
 def unsupported(*, ordered: bool = True, distance: str = "cosine", tokens: int, width: int,
-                dtype: torch.dtype, residual_dtype: torch.dtype | None = None) -> str | None:
-    """Why :func:`fast_merge` does not implement this merge (a short phrase), or None if it does."""
+                dtype: torch.dtype, residual_dtype: torch.dtype | None = None, class_tokens: int = 1) -> str | None:
+    """Why :func:`fast_merge` does not implement this merge (a short phrase), or None if it does.
+    ``class_tokens``: how many protected class tokens the sequence holds (the kernels: 0 or 1)."""
+    if class_tokens > 1:
+        return f"{class_tokens} class tokens, the kernels protect at most one"
     if not ordered or distance != "cosine":
         return f"only the ordered cosine merge is implemented (got ordered={ordered}, distance={distance})"
     for what, dt in (("hidden states", dtype), ("residual", residual_dtype or dtype)):
@@ -79,10 +82,10 @@ def unsupported(*, ordered: bool = True, distance: str = "cosine", tokens: int, 
 
 
 def supports(*, ordered: bool, distance: str, tokens: int, width: int, dtype: torch.dtype,
-             residual_dtype: torch.dtype | None = None) -> bool:
+             residual_dtype: torch.dtype | None = None, class_tokens: int = 1) -> bool:
     """Whether :func:`fast_merge` implements this merge configuration, size and dtypes."""
     return unsupported(ordered=ordered, distance=distance, tokens=tokens, width=width, dtype=dtype,
-                       residual_dtype=residual_dtype) is None
+                       residual_dtype=residual_dtype, class_tokens=class_tokens) is None
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -116,7 +119,8 @@ def fast_merge(hidden: torch.Tensor, residual: torch.Tensor, size: torch.Tensor 
     interpreter. Differentiable in ``hidden``, ``residual`` and ``size`` (see the module docstring).
     """
     b, L, d = hidden.shape
-    why = unsupported(tokens=L, width=d, dtype=hidden.dtype, residual_dtype=residual.dtype)
+    why = unsupported(tokens=L, width=d, dtype=hidden.dtype, residual_dtype=residual.dtype,
+                      class_tokens=2 if isinstance(cls_in, (tuple, list)) else 1)
     if why:
         raise ValueError(f"the fast merge cannot run this merge: {why}; use compressor.merge.merge_ref")
     if hidden.device.type != "cuda" and not interpreting():

@@ -7,6 +7,11 @@ with ``final_tokens > 0`` the last merge layer instead merges down to ``final_to
 (capped the same way). A per-layer ``schedule`` (``{layer: tokens}``) replaces all of that: a
 merge runs before each listed layer and removes ``r = min(tokens, (L - 1) // 2)``. The class token moves from ``tp`` to ``(tp * (L - r)) // L`` (ordered) or
 ``(tp * (n_src - r)) // n_src`` with ``n_src = ceil((L - 1) / 2)`` (unordered).
+
+Two class tokens (hustvl/Vim's ``use_double_cls_token``: one at the head, one at the tail) are
+both protected: the cap becomes ``(L - 2) // 2`` and each token follows the same rule on its own
+(a head token stays at 0, a tail token stays last); where the rule would put both on one slot,
+the second goes one further (see :func:`class_token_after`).
 """
 
 from __future__ import annotations
@@ -101,42 +106,72 @@ class MergeConfig:
         return [i for i in range(1, depth) if i % self.interval == 0]
 
 
+#: A class-token position: one index, two ascending indices (two class tokens), or None.
+ClsIndex = int | tuple[int, ...] | None
+
+
+def cls_positions(cls: ClsIndex) -> tuple[int, ...]:
+    """The class-token positions as a tuple: ``()`` for None, ``(i,)`` for one index."""
+    if cls is None:
+        return ()
+    return tuple(cls) if isinstance(cls, (tuple, list)) else (cls,)
+
+
 @dataclass(frozen=True)
 class MergeStep:
     """One merge: before ``layer``, ``tokens_in`` → ``tokens_out`` (``r`` removed); the class
-    token moves from ``cls_in`` to ``cls_out`` (both None without a class token)."""
+    token moves from ``cls_in`` to ``cls_out`` (both None without a class token; both tuples of
+    two ascending positions with two class tokens)."""
 
     layer: int
     tokens_in: int
     r: int
-    cls_in: int | None
-    cls_out: int | None
+    cls_in: ClsIndex
+    cls_out: ClsIndex
 
     @property
     def tokens_out(self) -> int:
         return self.tokens_in - self.r
 
 
-def class_token_after(cls_in: int | None, tokens_in: int, r: int, ordered: bool = True) -> int | None:
-    """New class-token index after removing ``r`` of ``tokens_in`` tokens (class token included)."""
-    if cls_in is None:
-        return None
+def _one_after(cls_in: int, tokens_in: int, r: int, ordered: bool, n_cls: int) -> int:
     if ordered:
         return (cls_in * (tokens_in - r)) // tokens_in
-    n_src = -(-(tokens_in - 1) // 2)
+    n_src = -(-(tokens_in - n_cls) // 2)
     return (cls_in * (n_src - r)) // n_src
 
 
-def merge_cap(tokens_in: int, has_cls: bool) -> int:
-    """The most tokens one merge can remove: half of the tokens other than the class token."""
-    return (tokens_in - has_cls) // 2
+def class_token_after(cls_in: ClsIndex, tokens_in: int, r: int, ordered: bool = True) -> ClsIndex:
+    """New class-token index after removing ``r`` of ``tokens_in`` tokens (class tokens included).
+
+    A tuple of two positions (two class tokens) gives a tuple: each moves by the one-token rule
+    (a head token stays at 0; a tail token at ``tokens_in - 1`` goes to ``tokens_in - r - 1``,
+    still last). The rule is monotone but may map two adjacent positions onto one slot; then the
+    second takes the next slot, so that the two stay distinct and in order (that slot exists:
+    the first lands at most two before the end)."""
+    if cls_in is None:
+        return None
+    if not isinstance(cls_in, tuple):
+        return _one_after(cls_in, tokens_in, r, ordered, 1)
+    out = []
+    for p in cls_in:
+        q = _one_after(p, tokens_in, r, ordered, len(cls_in))
+        out.append(max(q, out[-1] + 1) if out else q)
+    return tuple(out)
 
 
-def merge_schedule(cfg: MergeConfig, num_tokens: int, cls_index: int | None, depth: int) -> list[MergeStep]:
-    """The merges a recipe performs on a model with ``num_tokens`` input tokens. Merges that
-    would remove nothing are left out (they are no-ops)."""
+def merge_cap(tokens_in: int, has_cls: bool | int) -> int:
+    """The most tokens one merge can remove: half of the tokens other than the class tokens
+    (``has_cls``: a bool for one class token or none, or the number of class tokens)."""
+    return (tokens_in - int(has_cls)) // 2
+
+
+def merge_schedule(cfg: MergeConfig, num_tokens: int, cls_index: ClsIndex, depth: int) -> list[MergeStep]:
+    """The merges a recipe performs on a model with ``num_tokens`` input tokens (class tokens at
+    ``cls_index``: an index, a tuple of two, or None). Merges that would remove nothing are left
+    out (they are no-ops)."""
     layers = cfg.merge_layers(depth)
-    has_cls = cls_index is not None
+    has_cls = len(cls_positions(cls_index))
     steps, L, tp = [], num_tokens, cls_index
     for k, layer in enumerate(layers):
         cap = merge_cap(L, has_cls)
@@ -160,7 +195,7 @@ def tokens_per_layer(steps: list[MergeStep], num_tokens: int, depth: int) -> lis
     return out
 
 
-def cls_per_layer(steps: list[MergeStep], cls_index: int | None, depth: int) -> list[int | None]:
+def cls_per_layer(steps: list[MergeStep], cls_index: ClsIndex, depth: int) -> list[ClsIndex]:
     by_layer = {s.layer: s.cls_out for s in steps}
     out, tp = [], cls_index
     for i in range(depth):

@@ -20,6 +20,7 @@ import torch.fx as fx
 from ..errors import RmeetoError
 from .bipartite import merge_source
 from .module import TokenMerge
+from .schedule import cls_positions
 
 __all__ = ["merge_sources", "render_merges", "render_clip_merges", "merges_figure", "image_label", "load_images",
            "IMAGENET_MEAN", "IMAGENET_STD"]
@@ -48,7 +49,7 @@ def merge_sources(gm: fx.GraphModule, images: torch.Tensor) -> torch.Tensor:
     """``images: (b, c, h, w)`` (normalised as the model expects; clips ``(b, c, T, h, w)``) →
     ``(b, L_final, num_patches)`` 0/1: entry ``[i, t, p]`` says that final token ``t`` holds patch
     ``p`` (row-major grid order; for clips frame-major, ``p = frame · grid² + row · grid + col``).
-    The class token is tracked like any token, but its column is dropped, so its row is all zero.
+    The class token (or both of two) is tracked like any token, but its column is dropped, so its row is all zero.
     In ``merge`` mode every patch is in exactly one final token; ``prune`` drops some."""
     layout = getattr(gm, "layout", None)
     if layout is None:
@@ -58,9 +59,8 @@ def merge_sources(gm: fx.GraphModule, images: torch.Tensor) -> torch.Tensor:
     tracker = _SourceTracker(gm, source)
     tracker.run(images)
     source = tracker.source
-    if layout.cls_index is not None:
-        source = torch.cat([source[..., : layout.cls_index], source[..., layout.cls_index + 1 :]], dim=-1)
-    return source
+    keep = [i for i in range(L) if i not in cls_positions(layout.cls_index)]  # one or two class tokens
+    return source[..., keep] if len(keep) < L else source
 
 
 def _colours(n: int, seed: int = 0) -> np.ndarray:
