@@ -2,7 +2,7 @@
 # rmeeto's Triton mixer kernels on the lent GPU: the GPU tests (triton vs the float64 reference
 # and vs the mamba-ssm kernels, forward and gradients, fp32/fp16/bf16), then the timings of
 # benchmarks/triton_mixer_gpu.py (the cuda baseline re-measured in the same run).
-#   mkdir -p .gpu/k && cp ../shared/kernels/*-sm90-*.tar.xz .gpu/k/     # prebuilt kernels (docs: shared gpu.md)
+#   mkdir -p .gpu/k && cp KERNELS/*-sm90-*.tar.xz .gpu/k/     # prebuilt mamba-ssm / causal-conv1d trees (see benchmarks/gpu_env.sh)
 #   OUT=runs/triton bash benchmarks/triton_mixer_gpu.sh [all|tests|bench] [triton_mixer_gpu.py options]
 set -uo pipefail
 OUT=${OUT:-runs/triton}; MODE=${1:-all}; shift || true

@@ -106,3 +106,20 @@ def make_clip_folder(root: Path, classes: int = 3, train: int = 4, val: int = 2,
                         out.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
                     out.mux(stream.encode())
     return root
+
+
+def record_tokens(gm, x, blocks: str = "layers"):
+    """Run ``gm`` on ``x`` (no grad) and return (output, tokens each block of ``gm.<blocks>`` sees),
+    read by forward pre-hooks on the blocks."""
+    import torch
+
+    seen: list[int] = []
+    children = gm.get_submodule(blocks).children()  # a plain Module in a graph copy, not a ModuleList
+    hooks = [blk.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1])) for blk in children]
+    try:
+        with torch.no_grad():
+            out = gm(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, seen

@@ -15,10 +15,11 @@ from compressor import load_model
 from compressor.models import VimConfig, VisionMamba, create_model
 from compressor.models.vim import DropPath
 from compressor.recipes import Recipe, load_recipe
+from helpers import record_tokens
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 
-# the spec's table (rmeeto-spec.md), num_prune 11 on depth 24
+# the paper's token table (official code), num_prune 11 on depth 24
 R031_TOKENS = [197, 186, 175, 164, 153, 142, 131, 120, 109, 98, 87, 76]
 R031_CLS = [98, 92, 86, 80, 74, 68, 62, 56, 50, 44, 39, 34]
 
@@ -29,20 +30,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def merge_nodes(gm) -> list:
     mods = dict(gm.named_modules())
     return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(mods[n.target], TokenMerge)]
-
-
-def record_tokens(gm, x) -> tuple[torch.Tensor, list[int]]:
-    """Run ``gm`` and return (output, tokens each block sees) via forward pre-hooks on the blocks."""
-    seen: list[int] = []
-    blocks = gm.get_submodule("layers").children()  # a plain Module in the graph copy, not a ModuleList
-    hooks = [blk.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1])) for blk in blocks]
-    try:
-        with torch.no_grad():
-            out = gm(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return out, seen
 
 
 def hand_schedule(depth: int, L: int, tp: int | None, num_prune: int, final_tokens: int = 0):

@@ -2,7 +2,7 @@
 reference at Vim-S shapes. fp32: tight relative tolerances. fp16/bf16: the relative budget
 ``err(kernel_lowp, ref_fp64) <= 2 * err(ref_lowp, ref_fp64) + eps`` on the same (rounded) inputs.
 
-Run on a GPU machine with the kernels on PYTHONPATH (docs: gpu.md):
+Run on a GPU machine with the kernels on PYTHONPATH (benchmarks/gpu_env.sh):
 ``PYTHONPATH=/tmp/k/mamba_ssm:/tmp/k/causal_conv1d:$PWD python -m pytest -m gpu tests/test_ops_gpu.py``.
 """
 
@@ -42,7 +42,7 @@ def require(*names: str) -> None:
     avail = kernels_available()
     missing = [n for n in names if not avail[n]]
     if missing:
-        pytest.skip(f"kernels do not import here: {', '.join(missing)} (see docs gpu.md)")
+        pytest.skip(f"kernels do not import here: {', '.join(missing)} (see benchmarks/gpu_env.sh)")
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""Recipes: loading, validation, round-trip, the token tables of rmeeto-spec.md, the CLI."""
+"""Recipes: loading, validation, round-trip, the paper's token tables, the CLI."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def _schedule(name: str, cls: int | None = 98):
     return tokens_per_layer(steps, 197, 24), cls_per_layer(steps, cls, 24), steps
 
 
-# ---------------------------------------------------------------- token tables (rmeeto-spec.md)
+# ---------------------------------------------------------------- token tables (the paper's schedule)
 
 
 def test_r031_tokens_and_class_token_positions():

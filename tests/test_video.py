@@ -18,7 +18,7 @@ from compressor.merge import MergeConfig, merge_schedule
 from compressor.models import VisionMamba, create_model, get_config, infer_config
 from compressor.models.checkpoint import describe_checkpoint
 from compressor.recipes import load_recipe
-from helpers import naive_merge
+from helpers import naive_merge, record_tokens
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 
@@ -35,19 +35,6 @@ def official(tmp_path_factory):
     f = tmp_path_factory.mktemp("video") / "videomamba_video_t.pth"
     torch.save({"model": obj["state_dict"]}, f)
     return load_model(f), obj, f
-
-
-def _tokens_seen(gm, x, blocks: str = "layers"):
-    seen = []
-    hooks = [b.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
-             for b in gm.get_submodule(blocks).children()]
-    try:
-        with torch.no_grad():
-            out = gm(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return out, seen
 
 
 def test_video_family_is_read_off_the_keys(official):
@@ -86,7 +73,7 @@ def test_none_recipe_is_bit_exact(official):
 def test_merges_keep_the_class_token_at_zero_and_follow_the_schedule(official, merge, tokens):
     model, obj, _ = official
     gm = convert(model, merge)
-    out, seen = _tokens_seen(gm, obj["clips"])
+    out, seen = record_tokens(gm, obj["clips"])
     assert seen == tokens
     assert [s.tokens_out for s in gm.steps] == tokens[2::2]
     assert all(s.cls_in == 0 and s.cls_out == 0 for s in gm.steps) and gm.readout.index == 0
@@ -128,7 +115,7 @@ def test_foreign_video_class_converts_with_its_frames_read_off_the_temporal_tabl
     with torch.no_grad():
         assert torch.equal(plain(clip), model(clip))
     gm = convert(model, MergeConfig(num_prune=8))
-    out, seen = _tokens_seen(gm, clip, "stages")
+    out, seen = record_tokens(gm, clip, "stages")
     assert seen == [65, 65, 57, 57] and gm.steps[0].cls_out == 0 and torch.isfinite(out).all()
 
 

@@ -14,7 +14,7 @@ from compressor.convert import convert
 from compressor.merge import MergeConfig
 from compressor import load_model
 from compressor.models import create_model
-from helpers import make_image_folder
+from helpers import make_image_folder, record_tokens
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 
@@ -33,16 +33,6 @@ def official(tmp_path_factory):
     return load_model(f, family="videomamba"), obj
 
 
-def _tokens_seen(gm, img):
-    seen = []
-    hooks = [b.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[1])) for b in gm.layers.children()]
-    with torch.no_grad():
-        out = gm(img)
-    for h in hooks:
-        h.remove()
-    return out, seen
-
-
 @pytest.mark.parametrize("merge,tokens", [
     (MergeConfig(num_prune=5), [197, 197, 192, 192, 187, 187, 182, 182]),
     (MergeConfig(num_prune=11), [197, 197, 186, 186, 175, 175, 164, 164]),
@@ -51,7 +41,7 @@ def _tokens_seen(gm, img):
 def test_official_videomamba_converts_with_the_class_token_first(official, merge, tokens):
     model, obj = official
     gm = convert(model, merge)
-    out, seen = _tokens_seen(gm, obj["images"][:2])
+    out, seen = record_tokens(gm, obj["images"][:2])
     assert seen == tokens
     assert all(s.cls_in == 0 and s.cls_out == 0 for s in gm.steps) and gm.readout.index == 0
     assert torch.isfinite(out).all()
