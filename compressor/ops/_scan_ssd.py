@@ -1,6 +1,6 @@
 """Selective scan without any loop: chunks of ``T`` steps computed with matmuls and element-wise
 ops only (a chunked state-space form, after Mamba-2's SSD, adapted to Mamba-1's per-channel,
-per-state decay). This is the form exported to ONNX: a few dozen standard ops per direction,
+per-state decay). This is the ONNX form for GPUs (``rmeeto export --scan ssd``): a few dozen standard ops per direction,
 no ``Loop``/``Scan``/``If``, so ONNX Runtime runs it as plain kernels (and can capture it in a
 CUDA graph).
 
