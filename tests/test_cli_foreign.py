@@ -109,3 +109,16 @@ def test_bad_factories_are_one_line_errors(ckpt, tmp_path):
     assert "not valid JSON" in one_line_error(runner.invoke(app, [*base, "--model-factory", FACTORY, "--model-kwargs", "{depth"]))
     err = one_line_error(runner.invoke(app, [*base, "--model-factory", FACTORY, "--model-kwargs", '{"depth": 2}']))
     assert "do not fit the model foreign_models:official_like builds" in err
+
+
+def test_info_names_two_class_tokens_and_the_merge_that_runs(tmp_path):
+    import foreign_models
+
+    path = tmp_path / "double.pth"
+    torch.save({"model": foreign_models.double_cls(seed=3).state_dict()}, path)
+    result = runner.invoke(app, ["info", str(path), "--model-factory", "foreign_models:double_cls"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    last = foreign_models.double_cls().pos_embed.shape[1] - 1  # head first, tail last: 16 patches + 2
+    assert f"0 and {last} (two, both protected)" in out and "class tokens x[:, i] and x[:, j]" in out
+    assert "torch reference on every device" in out

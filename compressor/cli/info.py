@@ -102,16 +102,24 @@ def _compressed_rows(d: dict) -> list[tuple[str, str]]:
 
 
 def _layout_rows(layout) -> list[tuple[str, str]]:
-    cls = "none" if layout.cls_index is None else str(layout.cls_index)
-    return [
+    two = isinstance(layout.cls_index, tuple)
+    if layout.cls_index is None:
+        cls = "none"
+    else:
+        cls = f"{layout.cls_index[0]} and {layout.cls_index[1]} (two, both protected)" if two else str(layout.cls_index)
+    read = "class tokens x[:, i] and x[:, j]" if two else "class token x[:, i]"
+    rows = [
         ("blocks", f"{layout.depth} in {layout.blocks!r}, called as "
                    + ("block(hidden, residual) -> (hidden, residual)" if layout.block_call == "hidden_residual" else "block(x) -> x")),
         ("input", "x".join(map(str, layout.input_shape))),
         ("tokens / width", f"{layout.num_tokens} / {layout.embed_dim}"),
         ("class token", cls + (f" ({layout.cls_param})" if layout.cls_param else "")),
-        ("readout", "class token x[:, i]" if layout.readout == "token" else "mean over tokens (size-weighted after merges)"),
+        ("readout", read if layout.readout == "token" else "mean over tokens (size-weighted after merges)"),
         ("classes", str(layout.num_classes)),
     ]
+    if two:  # what the environment rows say about merges does not hold for this model
+        rows.append(("merges here", "torch reference on every device (the Triton merge protects one class token)"))
+    return rows
 
 
 def _environment_rows() -> list[tuple[str, str]]:
