@@ -24,6 +24,7 @@ from compressor.ops import (
     selective_scan_chunked,
     selective_scan_ref,
 )
+from helpers import lively
 
 F64 = torch.float64
 
@@ -412,22 +413,6 @@ def test_dispatch_routes_to_the_named_implementation():
 
 
 # --------------------------------------------------------------------------- model level
-
-
-def lively(model):
-    """Re-scale the mixers' weights so their outputs are comparable to the residual stream.
-
-    With the default init (in_proj std 0.02, small Δ) a mixer adds ~1e-3 to a residual of ~1,
-    so a backend's errors would vanish below fp32 rounding of the residual and prove nothing."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for blk in model.layers:
-            m = blk.mixer
-            for lin in (m.in_proj, m.out_proj, m.x_proj, m.x_proj_b):
-                lin.weight.normal_(0, lin.in_features**-0.5, generator=g)
-            m.dt_proj.bias.add_(2.0)
-            m.dt_proj_b.bias.add_(2.0)
-    return model
 
 
 def _model_outputs_and_grads(model, img, backend):

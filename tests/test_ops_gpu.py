@@ -24,6 +24,7 @@ from compressor.ops import (
     selective_scan,
     selective_scan_ref,
 )
+from helpers import lively
 
 pytestmark = [
     pytest.mark.gpu,
@@ -249,20 +250,6 @@ def test_add_rms_norm_cuda_lowp(dtype, with_residual):
 
 
 # --------------------------------------------------------------------------- whole model
-
-
-def lively(model, seed=0):
-    """Mixer weights scaled so the mixers' outputs matter next to the residual stream
-    (with the default init they add ~1e-3 to ~1 and a backend's errors would be invisible)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for blk in model.layers:
-            m = blk.mixer
-            for lin in (m.in_proj, m.out_proj, m.x_proj, m.x_proj_b):
-                lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * lin.in_features**-0.5)
-            m.dt_proj.bias.add_(2.0)
-            m.dt_proj_b.bias.add_(2.0)
-    return model
 
 
 def _vim_small4():

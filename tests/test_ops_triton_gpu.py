@@ -24,6 +24,7 @@ import torch
 from compressor.inference import GraphedModel
 from compressor.models import create_model, set_backend
 from compressor.ops import Direction, add_rms_norm, bimamba_inner, bimamba_inner_ref, kernels_available
+from helpers import lively
 
 pytestmark = [
     pytest.mark.gpu,
@@ -163,16 +164,7 @@ def test_add_rms_norm_triton(dtype, with_residual):
 
 def _model(depth=4):
     torch.manual_seed(5)
-    model = create_model("vim_small", depth=depth).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for blk in model.layers:
-            m = blk.mixer
-            for lin in (m.in_proj, m.out_proj, m.x_proj, m.x_proj_b):
-                lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * lin.in_features**-0.5)
-            m.dt_proj.bias.add_(2.0)
-            m.dt_proj_b.bias.add_(2.0)
-    return model.cuda()
+    return lively(create_model("vim_small", depth=depth).eval()).cuda()
 
 
 def test_model_triton_matches_ref_and_auto_picks_it():
