@@ -42,8 +42,8 @@ __all__ = ["available", "interpreting", "bimamba_inner_triton", "TUNING", "scan_
 TUNING = {
     "scan": {"bd": 32, "u": 2},
     "scan_small": {"bd": 32, "u": 4},
-    "scan_bwd": {"bd": 32, "ub": 1},
-    "scan_bwd_small": {"bd": 32, "ub": 1},
+    "scan_bwd": {"bd": 32, "ub": 2},
+    "scan_bwd_small": {"bd": 32, "ub": 2},
     "save_every": 16,
     "small_below": 264,
     "conv": {"bl": 16, "bd": 128, "warps": 4},
@@ -202,17 +202,30 @@ def scan_bwd(xc, delta_f, delta_b, xdbl_f, xdbl_b, z, fwd, bwd, scale, psum, hs,
     return du, ddt, dbc, dA.sum(1), dD.sum(1), dbias.sum(1)
 
 
+def _projections(xc, fwd, bwd):
+    """``xc: (2, b, l, e)`` → both directions' ``x_proj`` outputs ``(2, b, l, r + 2n)`` and Δ before
+    its bias ``(2, b, l, e)``, each pair in one buffer, so that the kernel reaches the backward
+    direction's half at a fixed offset (the buffer's stride) instead of the distance between two
+    allocations, whose ``i32``/``i64`` type moves with the allocator (a new compiled kernel)."""
+    _, b, l, e = xc.shape
+    k, r = fwd.x_proj_weight.shape[0], fwd.dt_proj_weight.shape[1]
+    xdbl = xc.new_empty(2, b, l, k)
+    delta = xc.new_empty(2, b, l, e)
+    with torch.autocast(xc.device.type, enabled=False):  # ``out=`` is refused under autocast
+        for i, p in enumerate((fwd, bwd)):
+            torch.matmul(xc[i], p.x_proj_weight.to(xc.dtype).t(), out=xdbl[i])
+            torch.matmul(xdbl[i, ..., :r], p.dt_proj_weight.to(xc.dtype).t(), out=delta[i])
+    return xdbl, delta
+
+
 def _forward(h, w_in, fwd, bwd, divide_out: bool, save: bool):
     """``h: (b, l, d)`` → ``y: (b, l, e)`` and what the backward needs."""
     xz = F.linear(h, w_in)  # (b, l, 2e)
     e = xz.shape[-1] // 2
     x, z = xz[..., :e], xz[..., e:]
     xc = conv_fwd(x, fwd, bwd)
-    r = fwd.dt_proj_weight.shape[1]
-    xdbl_f = F.linear(xc[0], fwd.x_proj_weight)  # (b, l, r + 2n)
-    xdbl_b = F.linear(xc[1], bwd.x_proj_weight)
-    delta_f = F.linear(xdbl_f[..., :r], fwd.dt_proj_weight)  # (b, l, e); bias added in the scan
-    delta_b = F.linear(xdbl_b[..., :r], bwd.dt_proj_weight)
+    xdbl, delta = _projections(xc, fwd, bwd)
+    xdbl_f, xdbl_b, delta_f, delta_b = xdbl[0], xdbl[1], delta[0], delta[1]
     scale = 0.5 if divide_out else 1.0
     y, psum, hs = scan_fwd(xc, delta_f, delta_b, xdbl_f, xdbl_b, z, fwd, bwd, scale, save)
     return y, (xz, xc, xdbl_f, xdbl_b, delta_f, delta_b, psum, hs, scale)
