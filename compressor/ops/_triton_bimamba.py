@@ -37,7 +37,8 @@ __all__ = ["available", "interpreting", "bimamba_inner_triton", "TUNING", "scan_
 #: were fastest on an H200). Scan: ``bd`` channels per program (one per thread, ``bd // 32``
 #: warps), ``u`` steps per loop iteration (their loads issued together); the forward saves the
 #: states every ``save_every`` steps for the backward, which recomputes each segment and walks it
-#: back ``ub`` steps at a time (``ub: 2`` passed the GPU tests but is untimed). ``*_small``
+#: back ``ub`` steps at a time (``ub: 2``: Vim-S r031 re-training 869 against 799 img/s with ``ub: 1``,
+#: ``benchmarks/retrain_ab_gpu.py``). ``*_small``
 #: applies when the large tile would give fewer than ``small_below`` programs.
 TUNING = {
     "scan": {"bd": 32, "u": 2},
@@ -143,15 +144,24 @@ def _scan_common(xc, xdbl, fwd, kind):
     return b, l, e, n, cfg, (b, triton.cdiv(e, cfg["bd"])), consts
 
 
+#: Added to every element offset between two tensors (the kernel subtracts it): Triton types an
+#: integer argument ``i32`` below 2**31 and ``i64`` above, and each type is a kernel compiled of
+#: its own. The distance between two allocations moves with the allocator, so without the bias a
+#: training run met new combinations late and compiled them mid-run (measured on an H200: merged
+#: re-training 470 img/s instead of 800 in short runs, 21 scan variants instead of 7). A multiple
+#: of 16, so the alignment Triton infers from the offset is kept.
+OFFSET_BIAS = 1 << 40
+
+
 def _offset(a: torch.Tensor, b: torch.Tensor) -> int:
     """Elements from ``a``'s first element to ``b``'s (the kernels reach the backward direction's
-    tensor from the forward one's pointer)."""
+    tensor from the forward one's pointer), plus :data:`OFFSET_BIAS` (always an ``i64``)."""
     if a.dtype != b.dtype:
         raise ValueError(f"bimamba_inner: both directions' tensors must share a dtype, got {a.dtype} and {b.dtype}")
     diff = b.data_ptr() - a.data_ptr()
     if diff % a.element_size():
         raise ValueError("bimamba_inner: misaligned parameter views")  # pragma: no cover - views of one storage
-    return diff // a.element_size()
+    return diff // a.element_size() + OFFSET_BIAS
 
 
 def scan_fwd(xc, delta_f, delta_b, xdbl_f, xdbl_b, z, fwd, bwd, scale, save: bool):
@@ -202,30 +212,17 @@ def scan_bwd(xc, delta_f, delta_b, xdbl_f, xdbl_b, z, fwd, bwd, scale, psum, hs,
     return du, ddt, dbc, dA.sum(1), dD.sum(1), dbias.sum(1)
 
 
-def _projections(xc, fwd, bwd):
-    """``xc: (2, b, l, e)`` → both directions' ``x_proj`` outputs ``(2, b, l, r + 2n)`` and Δ before
-    its bias ``(2, b, l, e)``, each pair in one buffer, so that the kernel reaches the backward
-    direction's half at a fixed offset (the buffer's stride) instead of the distance between two
-    allocations, whose ``i32``/``i64`` type moves with the allocator (a new compiled kernel)."""
-    _, b, l, e = xc.shape
-    k, r = fwd.x_proj_weight.shape[0], fwd.dt_proj_weight.shape[1]
-    xdbl = xc.new_empty(2, b, l, k)
-    delta = xc.new_empty(2, b, l, e)
-    with torch.autocast(xc.device.type, enabled=False):  # ``out=`` is refused under autocast
-        for i, p in enumerate((fwd, bwd)):
-            torch.matmul(xc[i], p.x_proj_weight.to(xc.dtype).t(), out=xdbl[i])
-            torch.matmul(xdbl[i, ..., :r], p.dt_proj_weight.to(xc.dtype).t(), out=delta[i])
-    return xdbl, delta
-
-
 def _forward(h, w_in, fwd, bwd, divide_out: bool, save: bool):
     """``h: (b, l, d)`` → ``y: (b, l, e)`` and what the backward needs."""
     xz = F.linear(h, w_in)  # (b, l, 2e)
     e = xz.shape[-1] // 2
     x, z = xz[..., :e], xz[..., e:]
     xc = conv_fwd(x, fwd, bwd)
-    xdbl, delta = _projections(xc, fwd, bwd)
-    xdbl_f, xdbl_b, delta_f, delta_b = xdbl[0], xdbl[1], delta[0], delta[1]
+    r = fwd.dt_proj_weight.shape[1]
+    xdbl_f = F.linear(xc[0], fwd.x_proj_weight)  # (b, l, r + 2n)
+    xdbl_b = F.linear(xc[1], bwd.x_proj_weight)
+    delta_f = F.linear(xdbl_f[..., :r], fwd.dt_proj_weight)  # (b, l, e); bias added in the scan
+    delta_b = F.linear(xdbl_b[..., :r], bwd.dt_proj_weight)
     scale = 0.5 if divide_out else 1.0
     y, psum, hs = scan_fwd(xc, delta_f, delta_b, xdbl_f, xdbl_b, z, fwd, bwd, scale, save)
     return y, (xz, xc, xdbl_f, xdbl_b, delta_f, delta_b, psum, hs, scale)

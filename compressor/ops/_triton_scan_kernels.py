@@ -27,6 +27,7 @@ _jit = (lambda fn: fn) if triton.knobs.runtime.interpret else triton.jit
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+OFFSET_BIAS = tl.constexpr(1 << 40)  # = compressor.ops._triton_bimamba.OFFSET_BIAS
 
 
 @_jit
@@ -76,6 +77,9 @@ def scan_fwd_kernel(u_ptr, dt_ptr, bc_ptr, alog_ptr, dskip_ptr, bias_ptr, z_ptr,
     Each loop iteration first issues the loads of its ``U`` steps, then computes and stores them:
     the compiler may not move a load above an earlier store (the tensors could alias), so this
     order keeps one memory round trip per ``U`` steps instead of one per step."""
+    # the launcher adds OFFSET_BIAS to the offsets between tensors (a fixed i64 argument type)
+    o_dt, o_bc, o_alog = o_dt - OFFSET_BIAS, o_bc - OFFSET_BIAS, o_alog - OFFSET_BIAS
+    o_dskip, o_bias = o_dskip - OFFSET_BIAS, o_bias - OFFSET_BIAS
     pid_b = tl.program_id(0)
     rev = tl.program_id(2)
     d = tl.program_id(1) * BD + tl.arange(0, BD)
