@@ -140,3 +140,34 @@ def lively(model, seed: int = 0):
             m.dt_proj.bias.add_(2.0)
             m.dt_proj_b.bias.add_(2.0)
     return model
+
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+
+
+def official_as_user_file(fixture: str, folder: Path, filename: str):
+    """An official-code fixture's weights saved the way a user's checkpoint holds them
+    (``{"model": state_dict}`` in ``folder/filename``) → ``(path, fixture object)``; skips the
+    test when the fixture is absent."""
+    import pytest
+    import torch
+
+    path = FIXTURES / fixture
+    if not path.exists():
+        pytest.skip(f"fixture {path} is absent")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    f = Path(folder) / filename
+    torch.save({"model": obj["state_dict"]}, f)
+    return f, obj
+
+
+def zoo_checkpoint(folder: Path, name: str = "vim_test", seed: int = 0) -> Path:
+    """A checkpoint of the zoo model ``name`` (weights drawn with ``seed``) at ``folder/<name>.pth``."""
+    import torch
+
+    from compressor.models import create_model
+
+    torch.manual_seed(seed)
+    path = Path(folder) / f"{name}.pth"
+    torch.save({"model": create_model(name).state_dict()}, path)
+    return path

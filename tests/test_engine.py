@@ -26,9 +26,8 @@ from compressor.engine.distributed import Dist
 from compressor.engine.loss import build_criterion
 from compressor.errors import RmeetoError
 from compressor import load_model
-from compressor.models import create_model
 from compressor.recipes import load_recipe, with_overrides
-from helpers import make_image_folder
+from helpers import make_image_folder, zoo_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 FILES = {"compressed.pt", "best.pt", "checkpoint.pt", "log.jsonl", "summary.md"}
@@ -45,10 +44,7 @@ def data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "vim_test.pth"
-    torch.save({"model": create_model("vim_test").state_dict()}, path)
-    return path
+    return zoo_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def teacher(ckpt: Path):

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -23,9 +22,8 @@ from compressor.engine import TrainingInterrupted, fit, load_checkpoint
 from compressor.engine._build import lr_warning
 from compressor.engine._progress import Reporter, fmt_rate
 from compressor import load_model
-from compressor.models import create_model
 from compressor.recipes import load_recipe, with_overrides
-from helpers import make_image_folder
+from helpers import make_image_folder, zoo_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 runner = CliRunner()
@@ -38,10 +36,7 @@ def data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "vim_test.pth"
-    torch.save({"model": create_model("vim_test").state_dict()}, path)
-    return path
+    return zoo_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def _compress(ckpt, out, *args):

@@ -4,7 +4,6 @@ token protected at 0), foreign video classes, and the family read off a checkpoi
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,9 +17,7 @@ from compressor.merge import MergeConfig, merge_schedule
 from compressor.models import VisionMamba, create_model, get_config, infer_config
 from compressor.models.checkpoint import describe_checkpoint
 from compressor.recipes import load_recipe
-from helpers import naive_merge, record_tokens
-
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+from helpers import naive_merge, official_as_user_file, record_tokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,12 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def official(tmp_path_factory):
     """The official video model's weights in a user's file layout, read with the default family."""
-    path = FIXTURES / "videomamba_video_official_depth8.pt"
-    if not path.exists():
-        pytest.skip(f"fixture {path} is absent")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    f = tmp_path_factory.mktemp("video") / "videomamba_video_t.pth"
-    torch.save({"model": obj["state_dict"]}, f)
+    f, obj = official_as_user_file("videomamba_video_official_depth8.pt", tmp_path_factory.mktemp("video"),
+                                   "videomamba_video_t.pth")
     return load_model(f), obj, f
 
 

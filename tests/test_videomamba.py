@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +13,7 @@ from compressor.convert import convert
 from compressor.merge import MergeConfig
 from compressor import load_model
 from compressor.models import create_model
-from helpers import make_image_folder, record_tokens
-
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+from helpers import make_image_folder, official_as_user_file, record_tokens
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,12 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def official(tmp_path_factory):
-    path = FIXTURES / "videomamba_official_depth8.pt"
-    if not path.exists():
-        pytest.skip(f"fixture {path} is absent")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    f = tmp_path_factory.mktemp("vm") / "videomamba_t.pth"
-    torch.save({"model": obj["state_dict"]}, f)
+    f, obj = official_as_user_file("videomamba_official_depth8.pt", tmp_path_factory.mktemp("vm"), "videomamba_t.pth")
     return load_model(f, family="videomamba"), obj
 
 
