@@ -171,8 +171,8 @@ def loop_scan_onnx(u: T, delta: T, A: T, B: T, C: T, D: Optional[T] = None, z: O
     chunks = lambda t, rows: op.Reshape(t, [nc, k, -1, *rows]) if k > 1 else t  # noqa: E731  (nc, k, b, ...)
     decay = op.Exp(op.Mul(tokens_first(delta, 2), op.Transpose(A, perm=[1, 0])))  # (l, b, 1, d) x (n, d)
     inputs = op.Mul(tokens_first(op.Mul(delta, u), 2), tokens_first(B, 3))  # (l, b, 1, d) x (l, b, n, 1)
-    h0 = op.ConstantOfShape(op.Concat(op.Constant(value_ints=[1] if k > 1 else []), op.Shape(u, start=0, end=1),
-                                      op.Constant(value_ints=[n, d]), axis=0),
+    dims = [op.Shape(u, start=0, end=1), op.Constant(value_ints=[n, d])]
+    h0 = op.ConstantOfShape(op.Concat(*([op.Constant(value_ints=[1])] if k > 1 else []), *dims, axis=0),
                             value=ir.tensor(np.zeros(1, dtype=np.float64 if acc == _DOUBLE else np.float32)))
     _, ys = _call_op("Scan", h0, chunks(decay, [n, d]), chunks(inputs, [n, d]), chunks(tokens_first(C, 2), [1, n]),
                      body=_loop_body(batch, d, n, acc, k), num_scan_inputs=3, _num_outputs=2)
