@@ -127,6 +127,22 @@ def test_onnx_translation_matches_ref(form, dtype, tmp_path):
     assert rel_err(got, want) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("tokens", [2, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_loop_translation_several_tokens_per_iteration(tokens, dtype, tmp_path, monkeypatch):
+    """The loop body unrolled over ``tokens`` tokens (21 is no multiple of them: the padded
+    tail must leave the state and the outputs unchanged)."""
+    import compressor.ops._scan_onnx as scan_onnx
+
+    monkeypatch.setattr(scan_onnx, "LOOP_TOKENS", tokens)
+    args = scan_args(2, 6, 4, 21, dtype, seed=11, delta_scale=10.0)
+    model = _export_direction("loop", args, tmp_path / "scan.onnx")
+    body = next(a.g for n in model.graph.node if n.op_type == "Scan" for a in n.attribute if a.name == "body")
+    assert Counter(n.op_type for n in body.node)["Mul"] == tokens
+    want = selective_scan_ref(*args[:5], args[5], args[6], args[7], True)
+    assert rel_err(_run(tmp_path / "scan.onnx", args), want) <= TOL[dtype]
+
+
 @pytest.mark.parametrize("form", ["ssd", "loop"])
 def test_onnx_translation_dynamic_batch_and_fp16(form, tmp_path):
     args = scan_args(2, 4, 3, 13, torch.float32, seed=8)
@@ -157,11 +173,12 @@ def test_one_direction_is_one_op_while_exporting():
     assert sum(n.op == "call_function" for n in outside.graph.nodes) > 40
 
 
-@pytest.mark.parametrize("form,bound", [("ssd", 60 + 2 * 25), ("loop", 35)])
+@pytest.mark.parametrize("form,bound", [("ssd", 60 + 2 * 25), ("loop", 40)])
 def test_translation_size(form, bound, tmp_path):
     """Nodes for one direction of 197 tokens. ssd: ~55 ops on whole tensors (softplus alone is
-    ten) plus two per chunk for the sequential carries (25 chunks of 8); loop: one Scan (six
-    ops in its body) and about thirty around it (softplus, layout, the D and z terms)."""
+    ten) plus two per chunk for the sequential carries (25 chunks of 8); loop: one Scan (its
+    body unrolled over a chunk of tokens) and under forty around it (softplus, padding to whole
+    chunks, layout, the D and z terms)."""
     args = scan_args(1, 8, 4, 197, torch.float32)
     model = _export_direction(form, args, tmp_path / "size.onnx")
     assert len(model.graph.node) <= bound, Counter(n.op_type for n in model.graph.node)

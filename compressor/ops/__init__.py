@@ -140,7 +140,10 @@ def causal_conv1d_ref(x, weight, bias=None, activation=None):
     """Depthwise causal conv. ``x: (b, d, l)``, ``weight: (d, w)``, ``bias: (d,)``;
     left zero padding ``w - 1``; optional ``silu``. Standard ops only (exportable)."""
     d, w = weight.shape
-    out = F.conv1d(x, weight.unsqueeze(1), bias, padding=w - 1, groups=d)[..., : x.shape[-1]]
+    if _exporting():  # left padding only: ONNX Runtime folds the Pad into the Conv, no Slice after it
+        out = F.conv1d(F.pad(x, (w - 1, 0)), weight.unsqueeze(1), bias, groups=d)
+    else:
+        out = F.conv1d(x, weight.unsqueeze(1), bias, padding=w - 1, groups=d)[..., : x.shape[-1]]
     return F.silu(out) if activation == "silu" else out
 
 

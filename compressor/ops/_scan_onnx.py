@@ -140,24 +140,46 @@ def ssd_scan_onnx(u: T, delta: T, A: T, B: T, C: T, D: Optional[T] = None, z: Op
     return _finish(y, u, D, z, acc, out_type)
 
 
+#: tokens per ``Scan`` iteration of the ``loop`` form (the body unrolled over them). 1: measured
+#: fastest on ONNX Runtime's CPU provider (Vim-Ti r031 batch 1, side by side: 223 ms with 1 token
+#: per iteration, 257 ms with 4, 260 ms with 8: the Split/Concat copies and padding of the
+#: unrolled body cost more than the fewer iterations save)
+LOOP_TOKENS = 1
+
+
 def loop_scan_onnx(u: T, delta: T, A: T, B: T, C: T, D: Optional[T] = None, z: Optional[T] = None,
                    delta_bias: Optional[T] = None, delta_softplus: bool = False) -> T:
-    """ONNX translation of ``rmeeto::loop_scan``: one ``Scan`` over the tokens. The decays
-    ``exp(Δ_t A)`` and inputs ``Δ_t u_t B_t`` of every token are computed before the loop, as
-    whole-sequence element-wise ops (``(l, b, d, n)`` each); per token the body is then only
-    ``h ← decay_t ⊙ h + input_t`` and ``y_t = h · C_t`` (three nodes: on ONNX Runtime the cost
-    of a Scan step is mostly per node); the state ``(b, d, n)`` is the Scan's carry."""
+    """ONNX translation of ``rmeeto::loop_scan``: one ``Scan`` over the tokens, :data:`LOOP_TOKENS`
+    tokens per iteration. The decays ``exp(Δ_t A)`` and inputs ``Δ_t u_t B_t`` of every token
+    are computed before the loop, as whole-sequence element-wise ops (``(l, b, n, d)`` each); per
+    token the body is then only ``h ← decay_t ⊙ h + input_t`` (two nodes), and one product
+    ``C · h`` reads out the chunk's tokens. On ONNX Runtime a Scan step costs mostly per node
+    and per iteration, not per element; the sequence is padded to whole chunks with zero ``Δ``
+    (decay 1, input 0: the state passes through unchanged) and the padding dropped after.
+
+    The state is laid out ``(n, d)``, channels last: ONNX Runtime's CPU provider broadcasts in
+    runs of the innermost axis, and the two outer products above run 2-3x faster with runs of
+    ``d`` (hundreds) than of ``n`` (16); the body's ops then also work on contiguous rows, and
+    the readout is a ``(1, n) @ (n, d)`` product (benchmarks/onnx_cpu_profile.py)."""
     out_type = int(u.dtype)
-    batch, d, n = u.shape[0], int(u.shape[1]), int(A.shape[1])  # before any Cast (its output has no shape)
+    batch, d, l, n = u.shape[0], int(u.shape[1]), int(u.shape[2]), int(A.shape[1])  # before any Cast (its output has no shape)
     acc, const, (u, delta, A, B, C, D, z) = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    tokens_first = lambda t, axis: op.Unsqueeze(op.Transpose(t, perm=[2, 0, 1]), [axis])  # noqa: E731
-    decay = op.Exp(op.Mul(tokens_first(delta, 3), A))  # (l, b, d, n)
-    inputs = op.Mul(tokens_first(op.Mul(delta, u), 3), tokens_first(B, 2))  # (l, b, d, 1) x (l, b, 1, n)
-    h0 = op.ConstantOfShape(op.Concat(op.Shape(u, start=0, end=1), op.Constant(value_ints=[d, n]), axis=0),
+    k = min(LOOP_TOKENS, l)
+    nc = -(-l // k)
+    pad = lambda t: op.Pad(t, [0, 0, 0, 0, 0, nc * k - l]) if nc * k > l else t  # noqa: E731  zeros after the last token
+    tokens_first = lambda t, axis: op.Unsqueeze(op.Transpose(pad(t), perm=[2, 0, 1]), [axis])  # noqa: E731  (l, b, ...)
+    chunks = lambda t, rows: op.Reshape(t, [nc, k, -1, *rows]) if k > 1 else t  # noqa: E731  (nc, k, b, ...)
+    decay = op.Exp(op.Mul(tokens_first(delta, 2), op.Transpose(A, perm=[1, 0])))  # (l, b, 1, d) x (n, d)
+    inputs = op.Mul(tokens_first(op.Mul(delta, u), 2), tokens_first(B, 3))  # (l, b, 1, d) x (l, b, n, 1)
+    dims = [op.Shape(u, start=0, end=1), op.Constant(value_ints=[n, d])]
+    h0 = op.ConstantOfShape(op.Concat(*([op.Constant(value_ints=[1])] if k > 1 else []), *dims, axis=0),
                             value=ir.tensor(np.zeros(1, dtype=np.float64 if acc == _DOUBLE else np.float32)))
-    _, ys = _call_op("Scan", h0, decay, inputs, tokens_first(C, 3), body=_loop_body(batch, d, n, acc),
-                     num_scan_inputs=3, _num_outputs=2)
-    return _finish(op.Transpose(op.Squeeze(ys, [3]), perm=[1, 2, 0]), u, D, z, acc, out_type)
+    _, ys = _call_op("Scan", h0, chunks(decay, [n, d]), chunks(inputs, [n, d]), chunks(tokens_first(C, 2), [1, n]),
+                     body=_loop_body(batch, d, n, acc, k), num_scan_inputs=3, _num_outputs=2)
+    y = op.Reshape(ys, [nc * k, -1, d])  # (l + padding, b, d)
+    if nc * k > l:
+        y = op.Slice(y, [0], [l], [0])
+    return _finish(op.Transpose(y, perm=[1, 2, 0]), u, D, z, acc, out_type)
 
 
 def _call_op(*args, **kwargs):
@@ -170,32 +192,43 @@ def _call_op(*args, **kwargs):
     return call_op(*args, **kwargs)
 
 
-def _loop_body(batch, d: int, n: int, acc: int):
-    """The Scan body: inputs ``h (b, d, n)``, ``decay_t (b, d, n)``, ``input_t (b, d, n)``,
-    ``C_t (b, n, 1)``; outputs ``h`` and ``y_t (b, d, 1)``."""
+def _loop_body(batch, d: int, n: int, acc: int, k: int):
+    """The Scan body for ``k`` tokens: inputs ``h``, ``decay (k, b, n, d)``, ``input (k, b, n, d)``,
+    ``C (k, b, 1, n)``; outputs ``h`` and ``y (k, b, 1, d)``. The state is ``(1, b, n, d)``
+    (``(b, n, d)`` when ``k`` is 1, without the chunk axis on the inputs)."""
     b = batch if isinstance(batch, int) else None
     typ = ir.TensorType(ir.DataType(acc))
-    value = lambda name, *dims: ir.Value(name=name, shape=ir.Shape([b, *dims]), type=typ)  # noqa: E731
-    h, at, xt, ct = value("h", d, n), value("decay_t", d, n), value("input_t", d, n), value("ct", n, 1)
-    nodes = [ir.Node("", "Mul", [at, h], name="decayed")]
-    nodes.append(ir.Node("", "Add", [nodes[-1].outputs[0], xt], name="state"))
-    nodes.append(ir.Node("", "MatMul", [nodes[-1].outputs[0], ct], name="readout"))
-    h_out, y = nodes[1].outputs[0], nodes[2].outputs[0]
-    h_out.name, y.name = "h_out", "y_t"
-    h_out.shape, h_out.type, y.shape, y.type = ir.Shape([b, d, n]), typ, ir.Shape([b, d, 1]), typ
-    return ir.Graph([h, at, xt, ct], [h_out, y], nodes=nodes, name="selective_scan_step")
+    lead = [k] if k > 1 else []
+    value = lambda name, *dims: ir.Value(name=name, shape=ir.Shape(list(dims)), type=typ)  # noqa: E731
+    h = value("h", *([1] if k > 1 else []), b, n, d)
+    at, xt, ct = value("decay", *lead, b, n, d), value("input", *lead, b, n, d), value("c", *lead, b, 1, n)
+    nodes: list = []
+    add = lambda op_type, inputs, **attrs: nodes.append(  # noqa: E731
+        ir.Node("", op_type, inputs, attributes=[ir.AttrInt64(a, v) for a, v in attrs.items()],
+                num_outputs=attrs.get("num_outputs", 1), name=f"{op_type.lower()}_{len(nodes)}")) or nodes[-1].outputs
+    decays, xs = (add("Split", [at], axis=0, num_outputs=k), add("Split", [xt], axis=0, num_outputs=k)) if k > 1 else ([at], [xt])
+    states, state = [], h
+    for i in range(k):
+        state = add("Add", [add("Mul", [decays[i], state])[0], xs[i]])[0]
+        states.append(state)
+    y = add("MatMul", [ct, add("Concat", states, axis=0)[0] if k > 1 else state])[0]
+    state.name, y.name = "h_out", "y"
+    state.shape, state.type, y.shape, y.type = h.shape, typ, ir.Shape([*lead, b, 1, d]), typ
+    return ir.Graph([h, at, xt, ct], [state, y], nodes=nodes, name="selective_scan_steps")
 
 
 def _softplus(x, const):
-    """``torch.nn.functional.softplus`` (threshold 20) from ``Exp``/``Log``: ``log1p(exp(x))``
-    with ``log1p(y) = log(1 + y) · y / ((1 + y) − 1)``, exact to rounding where ``1 + y`` is
-    inexact, and ``y`` itself where ``1 + y`` rounds to 1."""
+    """``torch.nn.functional.softplus`` (threshold 20) from element-wise ops without ``Where``
+    (a ternary op with a broadcast scalar takes ONNX Runtime's CPU provider several ns per
+    element, ten times an ``Add``; ``Softplus`` itself is five times slower than this):
+    ``max(x, log1p(exp(min(x, 20))))`` (``log(1 + e^x) > x``, so the max picks ``x`` exactly
+    where torch returns ``x``), with ``log1p(y) = log(v) - (v - 1 - y) / v`` for ``v = 1 + y``:
+    the rounding error ``v - 1 - y`` of the sum is exact and removed to first order (relative
+    error ~eps², and ``y`` itself where ``1 + y`` rounds to 1)."""
     y = op.Exp(op.Min(x, const(20.0)))
-    one_y = op.Add(y, const(1.0))
-    denom = op.Sub(one_y, const(1.0))
-    tiny = op.Equal(denom, const(0.0))
-    log1p = op.Where(tiny, y, op.Div(op.Mul(op.Log(one_y), y), op.Where(tiny, const(1.0), denom)))
-    return op.Where(op.Greater(x, const(20.0)), x, log1p)
+    v = op.Add(y, const(1.0))
+    log1p = op.Sub(op.Log(v), op.Div(op.Sub(op.Sub(v, const(1.0)), y), v))
+    return op.Max(x, log1p)
 
 
 def _chunk_carries_onnx(a, e, nc: int):
