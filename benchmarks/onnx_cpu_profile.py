@@ -12,6 +12,10 @@ themselves (bodies included), "scan bodies" the sum of the body's nodes, the dif
 per-iteration overhead of the ``Scan`` machinery.
 
     OMP_NUM_THREADS=2 python benchmarks/onnx_cpu_profile.py --out benchmarks/results/onnx_cpu_profile.json
+
+On a GPU host with onnxruntime-gpu first on ``PYTHONPATH`` (``benchmarks/onnx_gpu.sh`` installs
+it), ``--provider cuda`` profiles the CUDA execution provider the same way, e.g. per scan form:
+``--provider cuda --scan loop --batches 1 128``.
 """
 
 from __future__ import annotations
@@ -56,15 +60,21 @@ def body_node_names(path: Path) -> set[str]:
     return names
 
 
-def profile_file(path: Path, batch: int, threads: int, warmup: int, repeats: int, workdir: Path) -> dict:
-    """Per-run times (wall) and the profiler's node times of ``repeats`` runs, aggregated."""
+def profile_file(path: Path, batch: int, threads: int, warmup: int, repeats: int, workdir: Path,
+                 provider: str = "cpu") -> dict:
+    """Per-run times (wall) and the profiler's node times of ``repeats`` runs, aggregated.
+    ``provider`` ``cuda``: the CUDA execution provider (its node times are the host's time per
+    node, launches included, not the GPU's kernel time: they show where the host spends a run)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
     opts.enable_profiling = True
     opts.profile_file_prefix = str(workdir / f"prof_{path.stem}_b{batch}")
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
+    sess = ort.InferenceSession(str(path), opts, providers=providers)
+    if sess.get_providers()[0] != providers[0]:
+        raise SystemExit(f"ONNX Runtime did not take {providers[0]} (has {sess.get_providers()}): install onnxruntime-gpu")
     x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
     for _ in range(warmup):
         sess.run(None, {"image": x})
@@ -132,8 +142,14 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "rmeeto_onnx_profile")
     p.add_argument("--fresh", action="store_true", help="re-export even when the files exist")
     p.add_argument("--no-deit", action="store_true")
+    p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: ONNX Runtime's CUDA execution provider (onnxruntime-gpu; host-side node times)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
+    if args.provider == "cuda":
+        from compressor.export._runtime import providers as ort_providers
+
+        ort_providers()  # onnxruntime.preload_dlls(): the CUDA libraries of PyTorch's wheels
     torch.set_num_threads(args.threads)
     args.workdir.mkdir(parents=True, exist_ok=True)
     from compressor import ops
@@ -155,10 +171,10 @@ def main() -> None:
     results = {"machine": {"cpu": cpu_name(), "ort_threads": args.threads, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                            "load_avg_start": os.getloadavg()},
                "versions": {"rmeeto": __version__, "torch": torch.__version__, "onnxruntime": ort.__version__},
-               "scan": scan, "exports": exports, "profiles": {}}
+               "scan": scan, "provider": args.provider, "exports": exports, "profiles": {}}
     for batch in args.batches:
         for key, path in files.items():
-            s = profile_file(path, batch, args.threads, args.warmup, args.repeats, args.workdir)
+            s = profile_file(path, batch, args.threads, args.warmup, args.repeats, args.workdir, args.provider)
             results["profiles"][f"{key} b{batch}"] = s
             show(key, batch, s)
     results["machine"]["load_avg_end"] = os.getloadavg()
