@@ -100,3 +100,10 @@ def test_scan_kernel_compiles_for_sm90_with_vector_loads():
         pytest.skip(f"Triton cannot generate sm_90 code here: {res['skip']}")
     assert res["True"] > 0, "the biased i64 offsets lost their divisibility: B/C rows are no longer vector loads"
     assert res["False"] < res["True"]  # the check can tell: without divisibility the loads are scalar
+
+
+def test_kernel_subtracts_the_launchers_bias():
+    from compressor.ops import _triton_scan_kernels as sk
+
+    assert getattr(sk.OFFSET_BIAS, "value", sk.OFFSET_BIAS) == tb.OFFSET_BIAS
+    assert tb.OFFSET_BIAS % 16 == 0 and tb.OFFSET_BIAS >= 2**31
