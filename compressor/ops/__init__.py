@@ -8,7 +8,9 @@ Backends:
 - ``ssd``: loop-free chunked state-space form (matmuls and element-wise ops, no loop at all);
   exported without control flow (what ONNX Runtime can capture in a CUDA graph).
 - ``loop``: the reference recurrence; exported as one ONNX ``Scan`` node over the tokens (the
-  default export form: fastest on ONNX Runtime's CPU provider, smallest graph).
+  default export form: fastest on ONNX Runtime's CPU provider, smallest graph); the mixer's
+  backward direction as a ``Scan`` run last token first and an anti-causal conv, without
+  flipped copies of the sequence.
 - ``cuda``: mamba-ssm / causal-conv1d kernels (and the fused add+RMSNorm Triton kernel).
 - ``triton``: rmeeto's own Triton kernels (no compile step; Triton ships with torch on Linux)
   for :func:`bimamba_inner` (the whole bidirectional mixer but ``out_proj``, forward and
@@ -32,9 +34,9 @@ import torch.nn.functional as F
 
 from ..errors import BackendUnavailable
 from . import _kernels, _triton_bimamba
-from ._bimamba import Direction, bimamba_inner_ref
+from ._bimamba import Direction, bimamba_inner_ref, bimamba_inner_unflipped
 from ._scan_chunked import selective_scan_chunked
-from ._scan_onnx import CUSTOM_OPS, onnx_translation, translating
+from ._scan_onnx import CUSTOM_OPS, REVERSED_OPS, onnx_translation, translating
 from ._scan_ref import selective_scan_ref
 from ._scan_ssd import selective_scan_ssd
 
@@ -147,6 +149,16 @@ def causal_conv1d_ref(x, weight, bias=None, activation=None):
     return F.silu(out) if activation == "silu" else out
 
 
+def _anticausal_conv1d_export(x, weight, bias=None, activation=None):
+    """``flip(causal_conv1d_ref(flip(x)))`` without the flips, for an ONNX export: output ``t``
+    reads tokens ``t .. t + w - 1`` (right zero padding ``w - 1``, the kernel reversed). Same
+    shapes as :func:`causal_conv1d_ref`. The reversed kernel is a function of the weights only:
+    the export's constant folding turns it into an initializer (no ``Slice`` left in the graph)."""
+    d, w = weight.shape
+    out = F.conv1d(F.pad(x, (0, w - 1)), weight.flip(-1).unsqueeze(1), bias, groups=d)
+    return F.silu(out) if activation == "silu" else out
+
+
 def causal_conv1d(x, weight, bias=None, activation=None, backend="auto"):
     """Causal depthwise conv1d, dispatched like :func:`selective_scan`; same shapes as the ref."""
     which = _standalone(resolve_backend(backend, x, "causal_conv1d_fn"), x, "causal_conv1d_fn")
@@ -184,8 +196,12 @@ def bimamba_inner(h, in_proj_weight, fwd: Direction, bwd: Direction, divide_out:
     ``h: (b, l, d)``, ``in_proj_weight: (2e, d)``, ``fwd, bwd``: :class:`Direction` parameters
     → ``(b, l, e)`` in the activations' dtype. ``ref``, ``chunked``, ``cuda``: the composition
     of :func:`causal_conv1d` and :func:`selective_scan` (:func:`bimamba_inner_ref`); ``triton``:
-    fused kernels, channel-last, no flipped copies, their own backward."""
+    fused kernels, channel-last, no flipped copies, their own backward; an ONNX export with the
+    ``loop`` scan: :func:`bimamba_inner_unflipped` (no flipped copies in the graph either)."""
     which = resolve_backend(backend, h, "bimamba_inner")
     if which == "triton":
         return _triton_bimamba.bimamba_inner_triton(h, in_proj_weight, fwd, bwd, divide_out)
+    if which in REVERSED_OPS and translating() and _exporting():  # the backward direction without flipped copies
+        return bimamba_inner_unflipped(h, in_proj_weight, fwd, bwd, divide_out, causal_conv1d_ref, _anticausal_conv1d_export,
+                                       CUSTOM_OPS[which], REVERSED_OPS[which])
     return bimamba_inner_ref(h, in_proj_weight, fwd, bwd, divide_out, which)

@@ -12,6 +12,9 @@ custom domain: stock ONNX Runtime runs the file).
 - :func:`ssd_scan_onnx`: the computation of :func:`selective_scan_ssd` (loop-free).
 - :func:`loop_scan_onnx`: one ``Scan`` node over the tokens whose body is the recurrence of
   :func:`selective_scan_ref` (six small ops per token).
+- :func:`loop_scan_reversed_onnx`: the same ``Scan`` run from the last token to the first
+  (``rmeeto::loop_scan_reversed``, the backward direction of the bidirectional mixer without
+  flipped copies of its inputs and output).
 
 Each translation is tested against the sequential reference in fp32 and fp64 (the PyTorch ops'
 eager implementations are the reference and the ssd form). Outside :func:`onnx_translation`
@@ -37,7 +40,7 @@ except ImportError:  # pragma: no cover - onnxscript before 0.3 carries the IR i
 from ._scan_ref import selective_scan_ref
 from ._scan_ssd import relative_cumsum_matrix, selective_scan_ssd, ssd_params, upper_ones
 
-__all__ = ["onnx_translation", "translating", "ssd_scan_onnx", "loop_scan_onnx"]
+__all__ = ["onnx_translation", "translating", "ssd_scan_onnx", "loop_scan_onnx", "loop_scan_reversed_onnx"]
 
 _ACTIVE = contextvars.ContextVar("rmeeto_onnx_translation", default=False)
 T = TypeVar("T", onnx_types.FLOAT, onnx_types.DOUBLE, onnx_types.FLOAT16, onnx_types.BFLOAT16)
@@ -58,10 +61,20 @@ def _define(name: str, fn):
     return custom
 
 
+def _scan_reversed_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    """:func:`selective_scan_ref` from the last token to the first: ``flip(scan(flip(...)))``
+    over the per-token inputs ``u, delta, B, C, z``."""
+    f = lambda t: None if t is None else t.flip(-1)  # noqa: E731
+    return selective_scan_ref(f(u), f(delta), A, f(B), f(C), D, f(z), delta_bias, delta_softplus).flip(-1)
+
+
 ssd_scan = _define("ssd_scan", selective_scan_ssd)
 loop_scan = _define("loop_scan", selective_scan_ref)
+loop_scan_reversed = _define("loop_scan_reversed", _scan_reversed_ref)
 #: scan form -> the custom op recorded for it while translating
 CUSTOM_OPS = {"ssd": ssd_scan, "loop": loop_scan}
+#: scan form -> the custom op of its reversed scan (last token first), where the form has one
+REVERSED_OPS = {"loop": loop_scan_reversed}
 
 
 def translating() -> bool:
@@ -75,7 +88,8 @@ def onnx_translation():
     the ``ssd`` and ``loop`` scans export as one op each for the duration."""
     token = _ACTIVE.set(True)
     try:
-        yield {torch.ops.rmeeto.ssd_scan.default: ssd_scan_onnx, torch.ops.rmeeto.loop_scan.default: loop_scan_onnx}
+        yield {torch.ops.rmeeto.ssd_scan.default: ssd_scan_onnx, torch.ops.rmeeto.loop_scan.default: loop_scan_onnx,
+               torch.ops.rmeeto.loop_scan_reversed.default: loop_scan_reversed_onnx}
     finally:
         _ACTIVE.reset(token)
 
@@ -161,6 +175,23 @@ def loop_scan_onnx(u: T, delta: T, A: T, B: T, C: T, D: Optional[T] = None, z: O
     runs of the innermost axis, and the two outer products above run 2-3x faster with runs of
     ``d`` (hundreds) than of ``n`` (16); the body's ops then also work on contiguous rows, and
     the readout is a ``(1, n) @ (n, d)`` product (benchmarks/onnx_cpu_profile.py)."""
+    return _loop_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=False)
+
+
+def loop_scan_reversed_onnx(u: T, delta: T, A: T, B: T, C: T, D: Optional[T] = None, z: Optional[T] = None,
+                            delta_bias: Optional[T] = None, delta_softplus: bool = False) -> T:
+    """ONNX translation of ``rmeeto::loop_scan_reversed``: :func:`loop_scan_onnx` with the
+    ``Scan`` reading its inputs and writing its outputs from the last token to the first
+    (``scan_input_directions`` / ``scan_output_directions`` 1), the tokens of an iteration
+    visited last first. Inputs and output stay in token order: no flipped copies (each a
+    ``Slice`` with step -1 over ``(b, e, l)``) before or after."""
+    return _loop_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=True)
+
+
+def _loop_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool):
+    """:func:`loop_scan_onnx` (``reverse`` False) and :func:`loop_scan_reversed_onnx` (True). The
+    padding goes after the last token either way: read last first, it leaves the zero initial
+    state unchanged."""
     out_type = int(u.dtype)
     batch, d, l, n = u.shape[0], int(u.shape[1]), int(u.shape[2]), int(A.shape[1])  # before any Cast (its output has no shape)
     acc, const, (u, delta, A, B, C, D, z) = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
@@ -175,7 +206,8 @@ def loop_scan_onnx(u: T, delta: T, A: T, B: T, C: T, D: Optional[T] = None, z: O
     h0 = op.ConstantOfShape(op.Concat(*([op.Constant(value_ints=[1])] if k > 1 else []), *dims, axis=0),
                             value=ir.tensor(np.zeros(1, dtype=np.float64 if acc == _DOUBLE else np.float32)))
     _, ys = _call_op("Scan", h0, chunks(decay, [n, d]), chunks(inputs, [n, d]), chunks(tokens_first(C, 2), [1, n]),
-                     body=_loop_body(batch, d, n, acc, k), num_scan_inputs=3, _num_outputs=2)
+                     body=_loop_body(batch, d, n, acc, k, reverse), num_scan_inputs=3, _num_outputs=2,
+                     **({"scan_input_directions": [1, 1, 1], "scan_output_directions": [1]} if reverse else {}))
     y = op.Reshape(ys, [nc * k, -1, d])  # (l + padding, b, d)
     if nc * k > l:
         y = op.Slice(y, [0], [l], [0])
@@ -192,10 +224,11 @@ def _call_op(*args, **kwargs):
     return call_op(*args, **kwargs)
 
 
-def _loop_body(batch, d: int, n: int, acc: int, k: int):
+def _loop_body(batch, d: int, n: int, acc: int, k: int, reverse: bool = False):
     """The Scan body for ``k`` tokens: inputs ``h``, ``decay (k, b, n, d)``, ``input (k, b, n, d)``,
     ``C (k, b, 1, n)``; outputs ``h`` and ``y (k, b, 1, d)``. The state is ``(1, b, n, d)``
-    (``(b, n, d)`` when ``k`` is 1, without the chunk axis on the inputs)."""
+    (``(b, n, d)`` when ``k`` is 1, without the chunk axis on the inputs). ``reverse``: the
+    ``k`` tokens are visited last first (their states still written in token order)."""
     b = batch if isinstance(batch, int) else None
     typ = ir.TensorType(ir.DataType(acc))
     lead = [k] if k > 1 else []
@@ -207,10 +240,10 @@ def _loop_body(batch, d: int, n: int, acc: int, k: int):
         ir.Node("", op_type, inputs, attributes=[ir.AttrInt64(a, v) for a, v in attrs.items()],
                 num_outputs=attrs.get("num_outputs", 1), name=f"{op_type.lower()}_{len(nodes)}")) or nodes[-1].outputs
     decays, xs = (add("Split", [at], axis=0, num_outputs=k), add("Split", [xt], axis=0, num_outputs=k)) if k > 1 else ([at], [xt])
-    states, state = [], h
-    for i in range(k):
+    states, state = [None] * k, h
+    for i in (reversed(range(k)) if reverse else range(k)):
         state = add("Add", [add("Mul", [decays[i], state])[0], xs[i]])[0]
-        states.append(state)
+        states[i] = state
     y = add("MatMul", [ct, add("Concat", states, axis=0)[0] if k > 1 else state])[0]
     state.name, y.name = "h_out", "y"
     state.shape, state.type, y.shape, y.type = h.shape, typ, ir.Shape([*lead, b, 1, d]), typ
