@@ -171,3 +171,19 @@ def zoo_checkpoint(folder: Path, name: str = "vim_test", seed: int = 0) -> Path:
     path = Path(folder) / f"{name}.pth"
     torch.save({"model": create_model(name).state_dict()}, path)
     return path
+
+
+def negative_step_slices(model) -> int:
+    """``Slice`` nodes of an ONNX model (top-level graph) with a negative step: flipped copies.
+    Every ``steps`` input must be a constant (initializer or ``Constant`` node)."""
+    import onnx
+
+    consts = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    consts.update({n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
+                   if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    count = 0
+    for n in model.graph.node:
+        if n.op_type == "Slice" and len(n.input) > 4 and n.input[4]:
+            assert n.input[4] in consts, f"Slice {n.name}: steps not a constant"
+            count += bool((consts[n.input[4]] < 0).any())
+    return count

@@ -26,6 +26,7 @@ from compressor.errors import RmeetoError, ShapeError
 from compressor.export import check_onnx_file, check_onnx_input, export_onnx
 from compressor.merge import MergeConfig
 from compressor.models import VimConfig, VisionMamba, create_model
+from helpers import negative_step_slices
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 VIM_REF = FIXTURES / "vim_official_depth8.pt"
@@ -111,6 +112,18 @@ def test_metadata_records_the_input_size(plain, merged):
     meta = check_onnx_file(merged[1].path)
     assert meta["rmeeto.recipe"] == "r031" and meta["rmeeto.tokens"] == "17,17,9,9"
     assert meta["rmeeto.input_shape"] == "Nx3x32x32" and meta["rmeeto.family"] == "vim"
+
+
+def test_no_flipped_copies_in_the_loop_export(plain, merged):
+    """The backward direction runs a reversed Scan and an anti-causal conv: no Slice with a
+    negative step (a flipped copy of the sequence, three per block before) in the file, and one
+    Scan of each direction per block."""
+    for report in (plain[1], merged[1]):
+        model = onnx.load(str(report.path))
+        assert negative_step_slices(model) == 0
+        directions = Counter(tuple(next((list(a.ints) for a in n.attribute if a.name == "scan_input_directions"), [0, 0, 0]))
+                             for n in model.graph.node if n.op_type == "Scan")
+        assert directions == {(0, 0, 0): 4, (1, 1, 1): 4}, directions
 
 
 def test_merged_export_dynamic_batch(merged):

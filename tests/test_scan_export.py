@@ -1,7 +1,9 @@
 """The scan forms written for ONNX (compressor.ops._scan_ssd, _scan_onnx): the loop-free ``ssd``
 form in PyTorch and both ONNX translations (``ssd``, ``loop``) against the sequential reference,
 in fp32 (≤ 1e-5 relative) and fp64 (≤ 1e-10), with decays that underflow, odd lengths, a
-dynamic batch and fp16 inputs; the size of what one direction exports to."""
+dynamic batch and fp16 inputs; the size of what one direction exports to. The mixer's backward
+direction as exported (a ``Scan`` run last token first, an anti-causal conv, the directions
+gated once) against the flipped reference."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 
 import compressor.ops as ops
 from compressor.export._graph import light_optimize
+from helpers import negative_step_slices
 from compressor.ops import selective_scan_ref, selective_scan_ssd
 from compressor.ops._scan_ssd import ssd_params
 
@@ -141,6 +144,72 @@ def test_loop_translation_several_tokens_per_iteration(tokens, dtype, tmp_path, 
     assert Counter(n.op_type for n in body.node)["Mul"] == tokens
     want = selective_scan_ref(*args[:5], args[5], args[6], args[7], True)
     assert rel_err(_run(tmp_path / "scan.onnx", args), want) <= TOL[dtype]
+
+
+def _flipped_ref(u, delta, A, B, C, D, z, bias):
+    """The backward direction as the model computes it eagerly: flip, scan, flip back."""
+    f = lambda t: t.flip(-1)  # noqa: E731
+    return selective_scan_ref(f(u), f(delta), A, f(B), f(C), D, f(z), bias, True).flip(-1)
+
+
+class _Reversed(_Direction):
+    def forward(self, u, delta, B, C, z):
+        return ops._scan_onnx.loop_scan_reversed(u, delta, self.A, B, C, self.D, z, self.bias, True)
+
+
+@pytest.mark.parametrize("tokens", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_reversed_loop_translation_matches_flipped_ref(tokens, dtype, tmp_path, monkeypatch):
+    """One Scan with both directions 1 (21 tokens: with 4 per iteration the padded tail is read
+    first and must leave the zero state unchanged); no flipped copy (Slice step -1) in the file."""
+    import compressor.ops._scan_onnx as scan_onnx
+
+    monkeypatch.setattr(scan_onnx, "LOOP_TOKENS", tokens)
+    args = scan_args(2, 6, 4, 21, dtype, seed=12, delta_scale=10.0)
+    u, delta, A, B, C, D, z, bias = args
+    module = _Reversed(A, D, bias, "loop").to(dtype).eval()
+    with torch.no_grad(), ops.onnx_translation() as table:
+        program = torch.onnx.export(module, (u, delta, B, C, z), dynamo=True, custom_translation_table=table, optimize=False,
+                                    input_names=["u", "delta", "B", "C", "z"], verify=False, report=False, verbose=False)
+    light_optimize(program.model)
+    program.save(tmp_path / "rev.onnx")
+    model = onnx.load(str(tmp_path / "rev.onnx"))
+    scans = [n for n in model.graph.node if n.op_type == "Scan"]
+    assert len(scans) == 1
+    attrs = {a.name: list(a.ints) for a in scans[0].attribute if a.name.startswith("scan_")}
+    assert attrs == {"scan_input_directions": [1, 1, 1], "scan_output_directions": [1]}
+    assert negative_step_slices(model) == 0
+    want = _flipped_ref(*args)
+    assert rel_err(module(u, delta, B, C, z), want) <= TOL[dtype]  # the op's eager form (what torch.export runs)
+    assert rel_err(_run(tmp_path / "rev.onnx", args), want) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_anticausal_conv_is_the_flipped_causal_conv(dtype):
+    g = torch.Generator().manual_seed(13)
+    x, w, b = (torch.randn(*s, generator=g, dtype=F64).to(dtype) for s in ((2, 5, 11), (5, 4), (5,)))
+    want = ops.causal_conv1d_ref(x.flip(-1), w, b, "silu").flip(-1)
+    assert rel_err(ops._anticausal_conv1d_export(x, w, b, "silu"), want) <= TOL[dtype]
+    short = x[..., :2]  # fewer tokens than the kernel
+    assert rel_err(ops._anticausal_conv1d_export(short, w, b), ops.causal_conv1d_ref(short.flip(-1), w, b).flip(-1)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_unflipped_mixer_matches_the_reference(dtype):
+    """What an export records (the custom ops' eager forms: the sequential scan, reversed) against
+    the mixer the model runs, fp32 and fp64, gated once, with and without ``divide_out``."""
+    g = torch.Generator().manual_seed(14)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=F64).to(dtype) * 0.5  # noqa: E731
+    e, dm, n, rank, l = 6, 4, 3, 2, 13
+    dirs = [ops.Direction(r(e, 4), r(e), r(rank + 2 * n, e), r(rank, e).T.contiguous(), r(e), r(e, n), r(e)) for _ in range(2)]
+    h, w_in = r(2, l, dm), r(2 * e, dm)
+    scan_onnx = ops._scan_onnx
+    for divide_out in (True, False):
+        want = ops.bimamba_inner_ref(h, w_in, *dirs, divide_out, "ref")
+        got = ops.bimamba_inner_unflipped(h, w_in, *dirs, divide_out, ops.causal_conv1d_ref, ops._anticausal_conv1d_export,
+                                          scan_onnx.loop_scan, scan_onnx.loop_scan_reversed)
+        assert got.shape == want.shape and got.dtype == dtype
+        assert rel_err(got, want) <= TOL[dtype]
 
 
 @pytest.mark.parametrize("form", ["ssd", "loop"])
