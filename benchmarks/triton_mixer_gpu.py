@@ -55,7 +55,8 @@ def _args(argv=None):
     p.add_argument("--graph-repeats", type=int, default=30)
     p.add_argument("--retrain-steps", type=int, default=8)
     p.add_argument("--tune-batches", default="128,1", help="batch sizes the tune section times")
-    p.add_argument("--tune-configs", default="16x4,32x2,32x4,64x4,128x4", help="scan tiles bd x u to time")
+    p.add_argument("--tune-configs", default="16x4,32x2,32x4,64x4,128x4,32x2p,32x4p",
+                   help="scan tiles bd x u to time; a trailing p: with prefetch (TUNING pf 1)")
     p.add_argument("--tuning", default=None, help="JSON of TUNING overrides applied before anything (skips nothing)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, vim_test, for a CPU check of the script")
     p.add_argument("--out", default="triton_mixer.json")
@@ -88,6 +89,25 @@ def timed(fn, warmup: int, repeats: int) -> list[float]:
     return out
 
 
+def timed_in_graph(fn, calls: int = 10, repeats: int = 20) -> list[float]:
+    """Milliseconds per call of ``fn`` replayed from one CUDA graph of ``calls`` calls (no host
+    launch in the number: at batch 1 an eager call's launch is larger than the kernel); eager
+    :func:`timed` on the CPU."""
+    if DEV != "cuda":
+        return timed(fn, 1, repeats)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return [ms / calls for ms in timed(graph.replay, 3, repeats)]
+
+
 def graph_ms(model, x, repeats: int) -> tuple[float, str]:
     """Median ms of one CUDA-graph replay of ``model(x)``; ``("eager", note)`` where capture fails."""
     g = GraphedModel(model, clone_output=False)
@@ -116,8 +136,8 @@ def _mixer_inputs(b, l, d, dtype, seed=0):
 
 def tune(a, results):
     """Scan kernel alone under several tiles; applies the fastest per regime to ``TUNING``."""
-    configs = [tuple(int(v) for v in c.split("x")) for c in a.tune_configs.split(",")]
-    d, configs = (384, configs) if not a.smoke else (32, [(32, 2)])
+    configs = [(*map(int, c.rstrip("p").split("x")), int(c.endswith("p"))) for c in a.tune_configs.split(",")]
+    d, configs = (384, configs) if not a.smoke else (32, [(32, 2, 0), (32, 2, 1)])
     rows = []
     best = {}
     before = {k: tb.TUNING[k] for k in ("scan", "scan_small")}
@@ -130,17 +150,19 @@ def tune(a, results):
         xz, xc, xdbl_f, xdbl_b, delta_f, delta_b = saved[:6]
         e = xz.shape[-1] // 2
         key = "scan" if b >= 64 else "scan_small"
-        for bd, u in configs:
-            cfg = {"bd": bd, "u": u}
+        for bd, u, pf in configs:
+            cfg = {"bd": bd, "u": u, "pf": pf}
             tb.TUNING[key] = cfg  # only the regime being timed: the other keeps its tile
 
             def go():
                 tb.scan_fwd(xc, delta_f, delta_b, xdbl_f, xdbl_b, xz[..., e:], fwd, bwd, 0.5, False)
-            ms = statistics.median(timed(go, 3, 20))
-            rows.append(dict(b=b, l=l, bd=bd, u=u, ms=ms))
+            # the small-grid regime (batch 1) is timed inside a CUDA graph: eager, the host's launch
+            # of one call outweighs the kernel and picked tiles at random
+            ms = statistics.median(timed(go, 3, 20) if key == "scan" else timed_in_graph(go))
+            rows.append(dict(b=b, l=l, bd=bd, u=u, pf=pf, ms=ms))
             if l == (197 if not a.smoke else 9) and (key not in best or ms < best[key][1]):
                 best[key] = (cfg, ms)
-            print(f"  tune scan b={b:3d} l={l} bd={bd:3d} u={u}: {ms * 1e3:8.1f} us", flush=True)
+            print(f"  tune scan b={b:3d} l={l} bd={bd:3d} u={u} pf={pf}: {ms * 1e3:8.1f} us", flush=True)
     tb.TUNING.update(before)
     for key, (cfg, _) in best.items():
         tb.TUNING[key] = cfg

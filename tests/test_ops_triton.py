@@ -102,6 +102,16 @@ def test_bimamba_inner_any_segment_length(monkeypatch, save_every):
     check_against_ref(1, 9)
 
 
+@pytest.mark.parametrize("length, u", [(1, 2), (7, 4), (9, 2)])
+def test_bimamba_inner_prefetch_matches_ref(monkeypatch, length, u):
+    """``pf: 1`` (the next steps' loads issued a loop iteration early): the same results, with a
+    ragged last iteration and segments of saved states that it crosses."""
+    monkeypatch.setitem(tb.TUNING, "save_every", 4)
+    for key in ("scan", "scan_small"):
+        monkeypatch.setitem(tb.TUNING, key, {"bd": 32, "u": u, "pf": 1})
+    check_against_ref(1, length)
+
+
 def test_bimamba_inner_sum_of_directions_and_no_conv_bias():
     """VideoMamba sums the directions (``divide_out=False``); a conv without bias."""
     check_against_ref(1, 5, divide_out=False, conv_bias=False, n=8)

@@ -39,7 +39,9 @@ __all__ = ["available", "interpreting", "bimamba_inner_triton", "TUNING", "scan_
 #: states every ``save_every`` steps for the backward, which recomputes each segment and walks it
 #: back ``ub`` steps at a time (``ub: 2``: Vim-S r031 re-training 869 against 799 img/s with ``ub: 1``,
 #: ``benchmarks/retrain_ab_gpu.py``). ``*_small``
-#: applies when the large tile would give fewer than ``small_below`` programs.
+#: applies when the large tile would give fewer than ``small_below`` programs. A forward tile may
+#: set ``pf: 1`` (the next ``u`` steps' loads issued an iteration early, for the latency-bound
+#: batch-1 grid): tested in the interpreter and compiled for sm_90, not yet timed, so off.
 TUNING = {
     "scan": {"bd": 32, "u": 2},
     "scan_small": {"bd": 32, "u": 4},
@@ -180,7 +182,7 @@ def scan_fwd(xc, delta_f, delta_b, xdbl_f, xdbl_b, z, fwd, bwd, scale, save: boo
         xc.stride(0), _offset(delta_f, delta_b), _offset(xdbl_f, xdbl_b), _offset(fwd.A_log, bwd.A_log),
         _offset(fwd.D, bwd.D), _offset(fwd.dt_proj_bias, bwd.dt_proj_bias), y2.stride(0), hs.stride(0) if save else 0,
         l, e, triton.cdiv(l, u), xc.stride(1), xc.stride(2), z.stride(0), z.stride(1), y2.stride(1), y2.stride(2),
-        1, fwd.A_log.stride(0), scale, STORE_PSUM=save, STORE_STATES=save, U=u, **consts,
+        1, fwd.A_log.stride(0), scale, STORE_PSUM=save, STORE_STATES=save, U=u, PF=int(cfg.get("pf", 0)), **consts,
     )
     return torch.add(y2[0], y2[1]), psum, hs
 

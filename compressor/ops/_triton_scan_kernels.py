@@ -58,11 +58,27 @@ def _step(h, u, dl, bm, cm, a2, dskip):
     return h, tl.sum(tl.sum(h * cm, axis=0), axis=0) + dskip * u
 
 
+@_jit
+def _fwd_loads(c, L, rev, d_ok, u_base, dt_base, bc_base, z_base, s_ul, s_zl, K: tl.constexpr, N: tl.constexpr,
+               U: tl.constexpr):
+    """The loads of steps ``c*U .. c*U + U - 1`` (masked past ``L``): per step ``(u, Δ, B, C, z)``."""
+    ins = ()
+    for k in tl.static_range(U):
+        s = c * U + k
+        t = s + rev * (L - 1 - 2 * s)  # s, or l - 1 - s backwards
+        m = d_ok & (s < L)
+        ins = ins + ((tl.load(u_base + t * s_ul, mask=m, other=0.0), tl.load(dt_base + t * s_ul, mask=m, other=0.0),
+                      tl.load(bc_base + t * K, mask=s < L, other=0.0), tl.load(bc_base + N + t * K, mask=s < L, other=0.0),
+                      tl.load(z_base + t * s_zl, mask=m, other=0.0)),)
+    return ins
+
+
 def scan_fwd_kernel(u_ptr, dt_ptr, bc_ptr, alog_ptr, dskip_ptr, bias_ptr, z_ptr, y_ptr, psum_ptr, hs_ptr,
                     o_u, o_dt, o_bc, o_alog, o_dskip, o_bias, o_y, o_hs,
                     L, E, n_chunks, s_ub, s_ul, s_zb, s_zl, s_yb, s_yl, s_1, s_an, scale,
                     STORE_PSUM: tl.constexpr, STORE_STATES: tl.constexpr, N: tl.constexpr, NB: tl.constexpr,
-                    K: tl.constexpr, R: tl.constexpr, BD: tl.constexpr, U: tl.constexpr, S: tl.constexpr):
+                    K: tl.constexpr, R: tl.constexpr, BD: tl.constexpr, U: tl.constexpr, S: tl.constexpr,
+                    PF: tl.constexpr = 0):
     """Grid ``(b, cdiv(e, BD), 2)``, ``BD // 32`` warps; ``program_id(2)``: the direction (1 reads
     the sequence backwards). Each pointer is the forward direction's tensor; ``o_*`` (elements)
     reach the backward direction's (its own tensor, or the second half of a stacked one).
@@ -76,7 +92,10 @@ def scan_fwd_kernel(u_ptr, dt_ptr, bc_ptr, alog_ptr, dskip_ptr, bias_ptr, z_ptr,
 
     Each loop iteration first issues the loads of its ``U`` steps, then computes and stores them:
     the compiler may not move a load above an earlier store (the tensors could alias), so this
-    order keeps one memory round trip per ``U`` steps instead of one per step."""
+    order keeps one memory round trip per ``U`` steps instead of one per step. ``PF`` 1: the loads
+    of the next ``U`` steps are issued before this iteration's steps are computed (one iteration
+    of prefetch, so the round trip overlaps the arithmetic; meant for the latency-bound small
+    grids of batch 1)."""
     # the launcher adds OFFSET_BIAS to the offsets between tensors (a fixed i64 argument type)
     o_dt, o_bc, o_alog = o_dt - OFFSET_BIAS, o_bc - OFFSET_BIAS, o_alog - OFFSET_BIAS
     o_dskip, o_bias = o_dskip - OFFSET_BIAS, o_bias - OFFSET_BIAS
@@ -97,18 +116,17 @@ def scan_fwd_kernel(u_ptr, dt_ptr, bc_ptr, alog_ptr, dskip_ptr, bias_ptr, z_ptr,
     bc_base = bc_ptr + rev * o_bc + (pid_b * L).to(tl.int64) * K + R + n + d[None, None, :] * 0  # NB contiguous
     hs_off = rev * o_hs + (pid_b * E + d[None, None, :]).to(tl.int64) * tl.cdiv(L, S) * N + n
     h = tl.zeros([N // NB, NB, BD], dtype=tl.float32)
+    if PF:
+        nxt = _fwd_loads(0, L, rev, d_ok, u_base, dt_base, bc_base, z_base, s_ul, s_zl, K, N, U)
     for c in range(0, n_chunks):
         if STORE_STATES:
             if c % (S // U) == 0:
                 tl.store(hs_ptr + hs_off + c // (S // U) * N, h, mask=d_ok[None, None, :])
-        ins = ()
-        for k in tl.static_range(U):  # all loads of the U steps first
-            s = c * U + k
-            t = s + rev * (L - 1 - 2 * s)  # s, or l - 1 - s backwards
-            m = d_ok & (s < L)
-            ins = ins + ((tl.load(u_base + t * s_ul, mask=m, other=0.0), tl.load(dt_base + t * s_ul, mask=m, other=0.0),
-                          tl.load(bc_base + t * K, mask=s < L, other=0.0), tl.load(bc_base + N + t * K, mask=s < L, other=0.0),
-                          tl.load(z_base + t * s_zl, mask=m, other=0.0)),)
+        if PF:
+            ins = nxt
+            nxt = _fwd_loads(c + 1, L, rev, d_ok, u_base, dt_base, bc_base, z_base, s_ul, s_zl, K, N, U)
+        else:  # all loads of the U steps first
+            ins = _fwd_loads(c, L, rev, d_ok, u_base, dt_base, bc_base, z_base, s_ul, s_zl, K, N, U)
         for k in tl.static_range(U):
             s = c * U + k
             t = s + rev * (L - 1 - 2 * s)
