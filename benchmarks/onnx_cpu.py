@@ -43,10 +43,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from compressor import __version__  # noqa: E402
+from compressor._io import atomic_write_text  # noqa: E402
 from compressor.convert import convert, save_compressed  # noqa: E402
 from compressor.export import export_onnx  # noqa: E402
 from compressor.export._graph import light_optimize  # noqa: E402
 from compressor.models import create_model  # noqa: E402
+
+
+def write_results(path: Path | None, results: dict) -> None:
+    """The report as JSON at ``path`` (atomically; nothing when ``path`` is None)."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(results, indent=2, default=str))
+        print(f"wrote {path}")
 
 
 def cpu_name() -> str:
@@ -205,10 +214,7 @@ def main() -> None:
     results["machine"]["load_avg_end"] = os.getloadavg()
     table = markdown(results)
     print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2, default=str))
-        print(f"wrote {args.out}")
+    write_results(args.out, results)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from onnx_cpu import cpu_name, time_sessions  # noqa: E402
+from onnx_cpu import cpu_name, time_sessions, write_results  # noqa: E402
 
 _EXPORT = """
 import json, sys, time, torch
@@ -99,10 +99,7 @@ def main() -> None:
         e = results["variants"][label]["export"]
         cells = [f"{lat[b]['median_ms']:.0f} ms ({lat[b]['min_ms']:.0f}–{lat[b]['max_ms']:.0f})" for b in args.batches]
         print(f"| {label} | {e['nodes_per_block']:.0f} | {e['negative_step_slices']} | {e['max_rel_diff']:.1e} | " + " | ".join(cells) + " |")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2, default=str))
-        print(f"wrote {args.out}")
+    write_results(args.out, results)
 
 
 if __name__ == "__main__":

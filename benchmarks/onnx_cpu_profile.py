@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from onnx_cpu import cpu_name, export_deit, export_vim  # noqa: E402
+from onnx_cpu import cpu_name, export_deit, export_vim, write_results  # noqa: E402
 
 from compressor import __version__  # noqa: E402
 
@@ -178,10 +178,7 @@ def main() -> None:
             results["profiles"][f"{key} b{batch}"] = s
             show(key, batch, s)
     results["machine"]["load_avg_end"] = os.getloadavg()
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2, default=str))
-        print(f"wrote {args.out}")
+    write_results(args.out, results)
 
 
 if __name__ == "__main__":
