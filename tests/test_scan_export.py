@@ -130,22 +130,6 @@ def test_onnx_translation_matches_ref(form, dtype, tmp_path):
     assert rel_err(got, want) <= TOL[dtype]
 
 
-@pytest.mark.parametrize("tokens", [2, 4, 8])
-@pytest.mark.parametrize("dtype", [torch.float32, F64])
-def test_loop_translation_several_tokens_per_iteration(tokens, dtype, tmp_path, monkeypatch):
-    """The loop body unrolled over ``tokens`` tokens (21 is no multiple of them: the padded
-    tail must leave the state and the outputs unchanged)."""
-    import compressor.ops._scan_onnx as scan_onnx
-
-    monkeypatch.setattr(scan_onnx, "LOOP_TOKENS", tokens)
-    args = scan_args(2, 6, 4, 21, dtype, seed=11, delta_scale=10.0)
-    model = _export_direction("loop", args, tmp_path / "scan.onnx")
-    body = next(a.g for n in model.graph.node if n.op_type == "Scan" for a in n.attribute if a.name == "body")
-    assert Counter(n.op_type for n in body.node)["Mul"] == tokens
-    want = selective_scan_ref(*args[:5], args[5], args[6], args[7], True)
-    assert rel_err(_run(tmp_path / "scan.onnx", args), want) <= TOL[dtype]
-
-
 def _flipped_ref(u, delta, A, B, C, D, z, bias):
     """The backward direction as the model computes it eagerly: flip, scan, flip back."""
     f = lambda t: t.flip(-1)  # noqa: E731
@@ -157,14 +141,9 @@ class _Reversed(_Direction):
         return ops._scan_onnx.loop_scan_reversed(u, delta, self.A, B, C, self.D, z, self.bias, True)
 
 
-@pytest.mark.parametrize("tokens", [1, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
-def test_reversed_loop_translation_matches_flipped_ref(tokens, dtype, tmp_path, monkeypatch):
-    """One Scan with both directions 1 (21 tokens: with 4 per iteration the padded tail is read
-    first and must leave the zero state unchanged); no flipped copy (Slice step -1) in the file."""
-    import compressor.ops._scan_onnx as scan_onnx
-
-    monkeypatch.setattr(scan_onnx, "LOOP_TOKENS", tokens)
+def test_reversed_loop_translation_matches_flipped_ref(dtype, tmp_path):
+    """One Scan with both directions 1; no flipped copy (Slice step -1) in the file."""
     args = scan_args(2, 6, 4, 21, dtype, seed=12, delta_scale=10.0)
     u, delta, A, B, C, D, z, bias = args
     module = _Reversed(A, D, bias, "loop").to(dtype).eval()

@@ -11,7 +11,7 @@ custom domain: stock ONNX Runtime runs the file).
 
 - :func:`ssd_scan_onnx`: the computation of :func:`selective_scan_ssd` (loop-free).
 - :func:`loop_scan_onnx`: one ``Scan`` node over the tokens whose body is the recurrence of
-  :func:`selective_scan_ref` (six small ops per token).
+  :func:`selective_scan_ref` (three small ops per token).
 - :func:`loop_scan_reversed_onnx`: the same ``Scan`` run from the last token to the first
   (``rmeeto::loop_scan_reversed``, the backward direction of the bidirectional mixer without
   flipped copies of its inputs and output).
@@ -154,22 +154,16 @@ def ssd_scan_onnx(u: T, delta: T, A: T, B: T, C: T, D: Optional[T] = None, z: Op
     return _finish(y, u, D, z, acc, out_type)
 
 
-#: tokens per ``Scan`` iteration of the ``loop`` form (the body unrolled over them). 1: measured
-#: fastest on ONNX Runtime's CPU provider (Vim-Ti r031 batch 1, side by side: 223 ms with 1 token
-#: per iteration, 257 ms with 4, 260 ms with 8: the Split/Concat copies and padding of the
-#: unrolled body cost more than the fewer iterations save)
-LOOP_TOKENS = 1
-
-
 def loop_scan_onnx(u: T, delta: T, A: T, B: T, C: T, D: Optional[T] = None, z: Optional[T] = None,
                    delta_bias: Optional[T] = None, delta_softplus: bool = False) -> T:
-    """ONNX translation of ``rmeeto::loop_scan``: one ``Scan`` over the tokens, :data:`LOOP_TOKENS`
-    tokens per iteration. The decays ``exp(Δ_t A)`` and inputs ``Δ_t u_t B_t`` of every token
-    are computed before the loop, as whole-sequence element-wise ops (``(l, b, n, d)`` each); per
-    token the body is then only ``h ← decay_t ⊙ h + input_t`` (two nodes), and one product
-    ``C · h`` reads out the chunk's tokens. On ONNX Runtime a Scan step costs mostly per node
-    and per iteration, not per element; the sequence is padded to whole chunks with zero ``Δ``
-    (decay 1, input 0: the state passes through unchanged) and the padding dropped after.
+    """ONNX translation of ``rmeeto::loop_scan``: one ``Scan`` over the tokens. The decays
+    ``exp(Δ_t A)`` and inputs ``Δ_t u_t B_t`` of every token are computed before the loop, as
+    whole-sequence element-wise ops (``(l, b, n, d)`` each); per token the body is then only
+    ``h ← decay_t ⊙ h + input_t`` and the readout ``C_t · h`` (three nodes: on ONNX Runtime a
+    Scan step costs mostly per node and per iteration, not per element). Unrolling several
+    tokens per iteration was measured slower on the CPU provider (Vim-Ti r031 batch 1: 223 ms
+    with one token, 257 / 260 ms with 4 / 8: the Split/Concat copies cost more than the fewer
+    iterations save; docs/benchmarks.md section 6).
 
     The state is laid out ``(n, d)``, channels last: ONNX Runtime's CPU provider broadcasts in
     runs of the innermost axis, and the two outer products above run 2-3x faster with runs of
@@ -182,35 +176,25 @@ def loop_scan_reversed_onnx(u: T, delta: T, A: T, B: T, C: T, D: Optional[T] = N
                             delta_bias: Optional[T] = None, delta_softplus: bool = False) -> T:
     """ONNX translation of ``rmeeto::loop_scan_reversed``: :func:`loop_scan_onnx` with the
     ``Scan`` reading its inputs and writing its outputs from the last token to the first
-    (``scan_input_directions`` / ``scan_output_directions`` 1), the tokens of an iteration
-    visited last first. Inputs and output stay in token order: no flipped copies (each a
+    (``scan_input_directions`` / ``scan_output_directions`` 1). Inputs and output stay in token order: no flipped copies (each a
     ``Slice`` with step -1 over ``(b, e, l)``) before or after."""
     return _loop_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=True)
 
 
 def _loop_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool):
-    """:func:`loop_scan_onnx` (``reverse`` False) and :func:`loop_scan_reversed_onnx` (True). The
-    padding goes after the last token either way: read last first, it leaves the zero initial
-    state unchanged."""
+    """:func:`loop_scan_onnx` (``reverse`` False) and :func:`loop_scan_reversed_onnx` (True)."""
     out_type = int(u.dtype)
     batch, d, l, n = u.shape[0], int(u.shape[1]), int(u.shape[2]), int(A.shape[1])  # before any Cast (its output has no shape)
     acc, const, (u, delta, A, B, C, D, z) = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    k = min(LOOP_TOKENS, l)
-    nc = -(-l // k)
-    pad = lambda t: op.Pad(t, [0, 0, 0, 0, 0, nc * k - l]) if nc * k > l else t  # noqa: E731  zeros after the last token
-    tokens_first = lambda t, axis: op.Unsqueeze(op.Transpose(pad(t), perm=[2, 0, 1]), [axis])  # noqa: E731  (l, b, ...)
-    chunks = lambda t, rows: op.Reshape(t, [nc, k, -1, *rows]) if k > 1 else t  # noqa: E731  (nc, k, b, ...)
+    tokens_first = lambda t, axis: op.Unsqueeze(op.Transpose(t, perm=[2, 0, 1]), [axis])  # noqa: E731  (l, b, ...)
     decay = op.Exp(op.Mul(tokens_first(delta, 2), op.Transpose(A, perm=[1, 0])))  # (l, b, 1, d) x (n, d)
     inputs = op.Mul(tokens_first(op.Mul(delta, u), 2), tokens_first(B, 3))  # (l, b, 1, d) x (l, b, n, 1)
-    dims = [op.Shape(u, start=0, end=1), op.Constant(value_ints=[n, d])]
-    h0 = op.ConstantOfShape(op.Concat(*([op.Constant(value_ints=[1])] if k > 1 else []), *dims, axis=0),
+    h0 = op.ConstantOfShape(op.Concat(op.Shape(u, start=0, end=1), op.Constant(value_ints=[n, d]), axis=0),
                             value=ir.tensor(np.zeros(1, dtype=np.float64 if acc == _DOUBLE else np.float32)))
-    _, ys = _call_op("Scan", h0, chunks(decay, [n, d]), chunks(inputs, [n, d]), chunks(tokens_first(C, 2), [1, n]),
-                     body=_loop_body(batch, d, n, acc, k, reverse), num_scan_inputs=3, _num_outputs=2,
+    _, ys = _call_op("Scan", h0, decay, inputs, tokens_first(C, 2), body=_loop_body(batch, d, n, acc),
+                     num_scan_inputs=3, _num_outputs=2,
                      **({"scan_input_directions": [1, 1, 1], "scan_output_directions": [1]} if reverse else {}))
-    y = op.Reshape(ys, [nc * k, -1, d])  # (l + padding, b, d)
-    if nc * k > l:
-        y = op.Slice(y, [0], [l], [0])
+    y = op.Reshape(ys, [l, -1, d])  # (l, b, d)
     return _finish(op.Transpose(y, perm=[1, 2, 0]), u, D, z, acc, out_type)
 
 
@@ -224,30 +208,20 @@ def _call_op(*args, **kwargs):
     return call_op(*args, **kwargs)
 
 
-def _loop_body(batch, d: int, n: int, acc: int, k: int, reverse: bool = False):
-    """The Scan body for ``k`` tokens: inputs ``h``, ``decay (k, b, n, d)``, ``input (k, b, n, d)``,
-    ``C (k, b, 1, n)``; outputs ``h`` and ``y (k, b, 1, d)``. The state is ``(1, b, n, d)``
-    (``(b, n, d)`` when ``k`` is 1, without the chunk axis on the inputs). ``reverse``: the
-    ``k`` tokens are visited last first (their states still written in token order)."""
+def _loop_body(batch, d: int, n: int, acc: int):
+    """The Scan body: inputs ``h (b, n, d)``, ``decay_t (b, n, d)``, ``input_t (b, n, d)``,
+    ``C_t (b, 1, n)``; outputs ``h`` and ``y_t (b, 1, d)``."""
     b = batch if isinstance(batch, int) else None
     typ = ir.TensorType(ir.DataType(acc))
-    lead = [k] if k > 1 else []
     value = lambda name, *dims: ir.Value(name=name, shape=ir.Shape(list(dims)), type=typ)  # noqa: E731
-    h = value("h", *([1] if k > 1 else []), b, n, d)
-    at, xt, ct = value("decay", *lead, b, n, d), value("input", *lead, b, n, d), value("c", *lead, b, 1, n)
-    nodes: list = []
-    add = lambda op_type, inputs, **attrs: nodes.append(  # noqa: E731
-        ir.Node("", op_type, inputs, attributes=[ir.AttrInt64(a, v) for a, v in attrs.items()],
-                num_outputs=attrs.get("num_outputs", 1), name=f"{op_type.lower()}_{len(nodes)}")) or nodes[-1].outputs
-    decays, xs = (add("Split", [at], axis=0, num_outputs=k), add("Split", [xt], axis=0, num_outputs=k)) if k > 1 else ([at], [xt])
-    states, state = [None] * k, h
-    for i in (reversed(range(k)) if reverse else range(k)):
-        state = add("Add", [add("Mul", [decays[i], state])[0], xs[i]])[0]
-        states[i] = state
-    y = add("MatMul", [ct, add("Concat", states, axis=0)[0] if k > 1 else state])[0]
+    h, at, xt, ct = value("h", b, n, d), value("decay", b, n, d), value("input", b, n, d), value("c", b, 1, n)
+    nodes = [ir.Node("", "Mul", [at, h], name="decayed")]
+    nodes.append(ir.Node("", "Add", [nodes[-1].outputs[0], xt], name="state"))
+    nodes.append(ir.Node("", "MatMul", [ct, nodes[-1].outputs[0]], name="readout"))
+    state, y = nodes[1].outputs[0], nodes[2].outputs[0]
     state.name, y.name = "h_out", "y"
-    state.shape, state.type, y.shape, y.type = h.shape, typ, ir.Shape([*lead, b, 1, d]), typ
-    return ir.Graph([h, at, xt, ct], [state, y], nodes=nodes, name="selective_scan_steps")
+    state.shape, state.type, y.shape, y.type = h.shape, typ, ir.Shape([b, 1, d]), typ
+    return ir.Graph([h, at, xt, ct], [state, y], nodes=nodes, name="selective_scan_step")
 
 
 def _softplus(x, const):
