@@ -17,8 +17,8 @@ from compressor.errors import CheckpointError
 from compressor.models import VimConfig, VisionMamba, create_model, get_config, infer_config, list_models, read_checkpoint
 from compressor.merge import fast
 from compressor.models.checkpoint import SAFE_GLOBALS, describe_checkpoint, extract_state_dict
+from helpers import FIXTURES
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 VIM_REF = FIXTURES / "vim_official_depth8.pt"
 VIM_LAYOUT = FIXTURES / "vim_official_layout_depth8.pth"
 VIDEOMAMBA_REF = FIXTURES / "videomamba_official_depth8.pt"

@@ -3,7 +3,6 @@ loop written by hand, gradients, save/load), on small CPU models."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,9 +14,8 @@ from compressor import load_model
 from compressor.models import VimConfig, VisionMamba, create_model
 from compressor.models.vim import DropPath
 from compressor.recipes import Recipe, load_recipe
-from helpers import record_tokens
+from helpers import FIXTURES, record_tokens
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 
 # the paper's token table (official code), num_prune 11 on depth 24
 R031_TOKENS = [197, 186, 175, 164, 153, 142, 131, 120, 109, 98, 87, 76]

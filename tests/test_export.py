@@ -26,9 +26,8 @@ from compressor.errors import RmeetoError, ShapeError
 from compressor.export import check_onnx_file, check_onnx_input, export_onnx
 from compressor.merge import MergeConfig
 from compressor.models import VimConfig, VisionMamba, create_model
-from helpers import negative_step_slices
+from helpers import FIXTURES, negative_step_slices
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 VIM_REF = FIXTURES / "vim_official_depth8.pt"
 # Nodes per block (vim_test: 17 tokens, 8 per chunk for ssd), measured: loop 100 (a Scan per
 # direction, its body six ops, ~40 ops around each: softplus, layout, gating), ssd 158. The
