@@ -183,6 +183,8 @@ def main(argv=None) -> None:
     a = _args(argv)
     if a.child:
         return child(a)
+    sys.path.insert(0, str(HERE.parents[1]))  # the report's writer (children import their own tree)
+    from compressor._io import atomic_write_text
     variants = _parse(a.variants)
     rounds = []
     for rnd in range(a.rounds):
@@ -211,7 +213,7 @@ def main(argv=None) -> None:
             rounds.append(res)
             print(f"round {rnd} {name:16s} " + "  ".join(f"{k} {v:7.1f} img/s" for k, v in res["images_per_s"].items())
                   + f"  | compiled {res['compiled']}" + (f"  | profile {res['profile']}" if res["profile"] else ""), flush=True)
-            Path(a.out).write_text(json.dumps({"args": vars(a), "runs": rounds}, indent=2) + "\n")
+            atomic_write_text(a.out, json.dumps({"args": vars(a), "runs": rounds}, indent=2) + "\n")
     print("median over rounds:")
     for name, _, _ in variants:
         mine = [r["images_per_s"] for r in rounds if r["variant"] == name]
