@@ -11,6 +11,8 @@ run, every number a median over repeats after warm-up (CUDA events; graphs: repl
 - ``models``: whole models (random weights, fp16) plain, r031 (merged) and r031 with the merges
   replaced by zero-cost slicing, per backend: batch 128 eager and CUDA graph, batch 1 graph.
   The triton model's logits are compared with the cuda model's first.
+- ``kernels``: device time per kernel of one plain batch-1 forward (the first of ``--models``),
+  per backend: where the batch-1 latency goes.
 - ``retrain``: the engine's ``train_step`` (merged student forward + backward, teacher forward,
   AdamW) at batch 128, bf16 autocast, recipes none and r031, per backend.
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import re
 import statistics
 import sys
 import time
@@ -55,8 +58,8 @@ def _args(argv=None):
     p.add_argument("--graph-repeats", type=int, default=30)
     p.add_argument("--retrain-steps", type=int, default=8)
     p.add_argument("--tune-batches", default="128,1", help="batch sizes the tune section times")
-    p.add_argument("--tune-configs", default="16x4,32x2,32x4,64x4,128x4,32x2p,32x4p",
-                   help="scan tiles bd x u to time; a trailing p: with prefetch (TUNING pf 1)")
+    p.add_argument("--tune-configs", default="16x4,32x2,32x4,64x4,128x4,32x2p,32x4p,32x2s4,32x4s4,32x2s8,32x4s8,32x4ps8",
+                   help="scan tiles BDxU[p][sTS] to time: p, with prefetch (TUNING pf 1); sTS, inference cut into up to TS pieces (TUNING ts)")
     p.add_argument("--tuning", default=None, help="JSON of TUNING overrides applied before anything (skips nothing)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, vim_test, for a CPU check of the script")
     p.add_argument("--out", default="triton_mixer.json")
@@ -134,10 +137,18 @@ def _mixer_inputs(b, l, d, dtype, seed=0):
     return m, h
 
 
+def _tile(spec: str) -> tuple[int, int, int, int]:
+    """``BDxU[p][sTS]`` (e.g. ``32x4ps8``) → ``(bd, u, pf, ts)``."""
+    m = re.fullmatch(r"(\d+)x(\d+)(p?)(?:s(\d+))?", spec.strip())
+    if not m:
+        raise SystemExit(f"--tune-configs: {spec!r} is not BDxU[p][sTS] (e.g. 32x4, 32x2p, 32x4s8)")
+    return int(m[1]), int(m[2]), int(bool(m[3])), int(m[4] or 1)
+
+
 def tune(a, results):
     """Scan kernel alone under several tiles; applies the fastest per regime to ``TUNING``."""
-    configs = [(*map(int, c.rstrip("p").split("x")), int(c.endswith("p"))) for c in a.tune_configs.split(",")]
-    d, configs = (384, configs) if not a.smoke else (32, [(32, 2, 0), (32, 2, 1)])
+    configs = [_tile(c) for c in a.tune_configs.split(",")]
+    d, configs = (384, configs) if not a.smoke else (32, [(32, 2, 0, 1), (32, 2, 1, 1), (32, 2, 0, 2)])
     rows = []
     best = {}
     before = {k: tb.TUNING[k] for k in ("scan", "scan_small")}
@@ -150,8 +161,10 @@ def tune(a, results):
         xz, xc, xdbl_f, xdbl_b, delta_f, delta_b = saved[:6]
         e = xz.shape[-1] // 2
         key = "scan" if b >= 64 else "scan_small"
-        for bd, u, pf in configs:
-            cfg = {"bd": bd, "u": u, "pf": pf}
+        for bd, u, pf, ts in configs:
+            if ts > 1 and key == "scan":  # the large grid never splits: same kernel as ts 1
+                continue
+            cfg = {"bd": bd, "u": u, "pf": pf, "ts": ts}
             tb.TUNING[key] = cfg  # only the regime being timed: the other keeps its tile
 
             def go():
@@ -159,10 +172,10 @@ def tune(a, results):
             # the small-grid regime (batch 1) is timed inside a CUDA graph: eager, the host's launch
             # of one call outweighs the kernel and picked tiles at random
             ms = statistics.median(timed(go, 3, 20) if key == "scan" else timed_in_graph(go))
-            rows.append(dict(b=b, l=l, bd=bd, u=u, pf=pf, ms=ms))
+            rows.append(dict(b=b, l=l, bd=bd, u=u, pf=pf, ts=ts, ms=ms))
             if l == (197 if not a.smoke else 9) and (key not in best or ms < best[key][1]):
                 best[key] = (cfg, ms)
-            print(f"  tune scan b={b:3d} l={l} bd={bd:3d} u={u} pf={pf}: {ms * 1e3:8.1f} us", flush=True)
+            print(f"  tune scan b={b:3d} l={l} bd={bd:3d} u={u} pf={pf} ts={ts}: {ms * 1e3:8.1f} us", flush=True)
     tb.TUNING.update(before)
     for key, (cfg, _) in best.items():
         tb.TUNING[key] = cfg
@@ -246,6 +259,46 @@ def models(a, results, names=None):
         a.save(results)
 
 
+# --------------------------------------------------------------------------- kernels
+
+
+def kernels(a, results):
+    """Where batch 1 goes: device time per kernel name of one plain forward (batch 1, fp16,
+    profiled eagerly: the same kernels a CUDA graph replays), per backend."""
+    from torch.profiler import ProfilerActivity, profile
+
+    name = a.models.split(",")[0]
+    torch.manual_seed(0)
+    model = create_model(name).eval().to(DEV, torch.float16 if DEV == "cuda" else torch.float32)
+    x = torch.randn(1, model.cfg.in_chans, model.cfg.img_size, model.cfg.img_size, device=DEV,
+                    dtype=next(model.parameters()).dtype)
+    out = {}
+    reps = 5 if not a.smoke else 1
+    for backend in a.backends.split(","):
+        set_backend(model, backend)
+        with torch.inference_mode():
+            for _ in range(3):
+                model(x)
+            sync()
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+            with profile(activities=acts) as prof:
+                for _ in range(reps):
+                    model(x)
+                sync()
+        per = {}
+        for ev in prof.key_averages():
+            t = getattr(ev, "device_time_total", 0) if DEV == "cuda" else 0
+            if t > 0 and ev.device_type.name == "CUDA":
+                per[ev.key] = (t / reps / 1e3, ev.count // reps)
+        top = sorted(per.items(), key=lambda kv: -kv[1][0])
+        total = sum(v[0] for v in per.values())
+        out[backend] = dict(total_ms=total, kernels=[dict(name=k[:120], ms=v[0], calls=v[1]) for k, v in top[:25]])
+        print(f"  kernels {name} b=1 {backend}: {total:.3f} ms of device time per forward", flush=True)
+        for k, (ms, calls) in top[:12]:
+            print(f"    {ms:7.3f} ms {calls:4d}x  {k[:90]}", flush=True)
+    results["kernels"] = out
+
+
 # --------------------------------------------------------------------------- retrain
 
 
@@ -311,7 +364,7 @@ def main(argv=None) -> int:
     a.save = save
     for section in a.sections.split(","):
         name, _, arg = section.partition("=")
-        fn = {"tune": tune, "mixer": mixer, "models": models, "retrain": retrain}[name]
+        fn = {"tune": tune, "mixer": mixer, "models": models, "retrain": retrain, "kernels": kernels}[name]
         fn(a, results, arg.split("+")) if arg else fn(a, results)
         save(results)  # after each section (and each model): a timeout keeps what was measured
     print(f"\n{dev} · fp16 models (random weights) · retrain bf16 · median ms")

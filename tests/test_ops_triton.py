@@ -112,6 +112,35 @@ def test_bimamba_inner_prefetch_matches_ref(monkeypatch, length, u):
     check_against_ref(1, length)
 
 
+@pytest.mark.parametrize("length, u, ts, pf", [(1, 2, 4, 0), (7, 2, 3, 0), (13, 2, 4, 0), (29, 4, 8, 0), (13, 2, 4, 1)])
+def test_bimamba_inner_time_split_inference_matches_ref(monkeypatch, length, u, ts, pf):
+    """Inference with the sequence cut into pieces (``ts``: end states first, then every piece
+    from its chained entering state): the reference's output, a ragged last piece included."""
+    monkeypatch.setitem(tb.TUNING, "scan_small", {"bd": 32, "u": u, "ts": ts, "pf": pf})
+    pieces, steps = tb.time_splits(tb.TUNING["scan_small"], 2, length, u)
+    assert pieces == -(-length // steps) and steps % u == 0 and pieces <= ts
+    assert pieces > 1 or length <= u  # the cases above really split
+    for divide_out in (True, False):
+        h, w_in, fwd, bwd = mixer_inputs(1, length, e=40, n=4)
+        y64 = bimamba_inner_ref(h, w_in, fwd, bwd, divide_out=divide_out)
+        f32 = (lambda t: None if t is None else t.to(DEV, torch.float32))
+        with torch.no_grad():
+            y = bimamba_inner(f32(h), f32(w_in), Direction(*map(f32, fwd)), Direction(*map(f32, bwd)),
+                              divide_out=divide_out, backend="triton")
+        assert rel_err(y, y64) < 1e-5, f"{rel_err(y, y64):.2e}"
+
+
+def test_time_splits_follow_the_grid(monkeypatch):
+    """Pieces only while the grid is small, never more than the tile's ``ts`` or the length."""
+    monkeypatch.setitem(tb.TUNING, "split_programs", 512)
+    cfg = {"bd": 32, "u": 4, "ts": 8}
+    assert tb.time_splits(cfg, 48, 197, 4) == (8, 28)  # Vim-S batch 1: 24 channel blocks x 2
+    assert tb.time_splits(cfg, 128, 197, 4) == (4, 52)
+    assert tb.time_splits(cfg, 384, 197, 4) == (1, 200)  # batch 8: already 384 programs
+    assert tb.time_splits(cfg, 48, 5, 4) == (2, 4)
+    assert tb.time_splits({"bd": 32, "u": 4}, 48, 197, 4) == (1, 200)
+
+
 def test_bimamba_inner_sum_of_directions_and_no_conv_bias():
     """VideoMamba sums the directions (``divide_out=False``); a conv without bias."""
     check_against_ref(1, 5, divide_out=False, conv_bias=False, n=8)

@@ -58,18 +58,21 @@ _COMPILE = textwrap.dedent("""
     from compressor.ops import _triton_bimamba as tb, _triton_scan_kernels as sk
 
     fn = triton.jit(sk.scan_fwd_kernel, do_not_specialize=["s_1"])
-    base = dict(STORE_PSUM=False, STORE_STATES=True, N=16, NB=8, K=56, R=24, BD=32, U=4, S=16)
+    base = dict(STORE_PSUM=False, STORE_STATES=True, N=16, NB=8, K=56, R=24, BD=32, U=4, S=16, PF=0, TS=1, MODE=0)
     offsets = ("o_dt", "o_bc", "o_alog", "o_dskip", "o_bias")
     aligned = {"o_u", "o_y", "s_ub", "s_zb", "s_yb", "s_zl", "s_yl", "s_ul", "E", "s_an"}
     out = {}
-    for divisible, pf in ((True, 0), (False, 0), (True, 1)):
-        const = dict(base, PF=pf)
+    variants = {"True pf0": (True, {}), "False pf0": (False, {}), "True pf1": (True, dict(PF=1)),
+                "split ends": (True, dict(STORE_STATES=False, TS=4, MODE=1)),
+                "split pieces": (True, dict(STORE_STATES=False, TS=4, MODE=0))}
+    for name, (divisible, extra) in variants.items():
+        const = dict(base, **extra)
         sig, attrs = {}, {}
         for i, a in enumerate(fn.arg_names):
             if a in const:
                 sig[a] = "constexpr"
             elif a.endswith("_ptr"):
-                sig[a], attrs[(i,)] = ("*fp32" if a == "hs_ptr" else "*fp16"), [["tt.divisibility", 16]]
+                sig[a], attrs[(i,)] = ("*fp32" if a in ("hs_ptr", "hc_ptr") else "*fp16"), [["tt.divisibility", 16]]
             elif a == "scale":
                 sig[a] = "fp32"
             elif a in offsets:
@@ -89,7 +92,7 @@ _COMPILE = textwrap.dedent("""
                 print(json.dumps({"skip": msg.splitlines()[0][:200]}))
                 sys.exit(0)
             raise  # a compile error of the kernel itself fails the test
-        out[f"{divisible} pf{pf}"] = len(re.findall(r"ld\\.global[.\\w]*\\.v[248]", ptx))
+        out[name] = len(re.findall(r"ld\\.global[.\\w]*\\.v[248]", ptx))
     print(json.dumps(out))
 """)
 
@@ -105,6 +108,8 @@ def test_scan_kernel_compiles_for_sm90_with_vector_loads():
     assert res["True pf0"] > 0, "the biased i64 offsets lost their divisibility: B/C rows are no longer vector loads"
     assert res["False pf0"] < res["True pf0"]  # the check can tell: without divisibility the loads are scalar
     assert res["True pf1"] >= res["True pf0"]  # the prefetching variant compiles and keeps its vector loads
+    # the time-split passes (inference at small grids) compile, their B/C rows still vector loads
+    assert res["split ends"] > 0 and res["split pieces"] >= res["True pf0"]
 
 
 def test_kernel_subtracts_the_launchers_bias():

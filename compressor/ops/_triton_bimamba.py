@@ -41,7 +41,10 @@ __all__ = ["available", "interpreting", "bimamba_inner_triton", "TUNING", "scan_
 #: ``benchmarks/retrain_ab_gpu.py``). ``*_small``
 #: applies when the large tile would give fewer than ``small_below`` programs. A forward tile may
 #: set ``pf: 1`` (the next ``u`` steps' loads issued an iteration early, for the latency-bound
-#: batch-1 grid): tested in the interpreter and compiled for sm_90, not yet timed, so off.
+#: batch-1 grid): tested in the interpreter and compiled for sm_90, not yet timed, so off. A
+#: forward tile's ``ts`` cuts an inference scan into up to that many pieces of the sequence
+#: (:func:`time_splits`, while the grid has fewer than ``split_programs`` programs): the
+#: batch-1 scan walks 197 steps one after the other on a GPU that is otherwise idle.
 TUNING = {
     "scan": {"bd": 32, "u": 2},
     "scan_small": {"bd": 32, "u": 4},
@@ -49,6 +52,7 @@ TUNING = {
     "scan_bwd_small": {"bd": 32, "ub": 2},
     "save_every": 16,
     "small_below": 264,
+    "split_programs": 512,
     "conv": {"bl": 16, "bd": 128, "warps": 4},
 }
 
@@ -166,24 +170,39 @@ def _offset(a: torch.Tensor, b: torch.Tensor) -> int:
     return diff // a.element_size() + OFFSET_BIAS
 
 
+def time_splits(cfg: dict, programs: int, l: int, u: int) -> tuple[int, int]:
+    """``(pieces, steps per piece)`` of each direction's sequence for an inference scan of
+    ``programs`` programs: the tile's ``ts`` (at most), fewer when the grid is already large
+    enough (:data:`TUNING` ``split_programs``); pieces are whole multiples of ``u`` steps."""
+    ts = max(1, min(int(cfg.get("ts", 1)), TUNING["split_programs"] // max(programs, 1)))
+    cl = triton.cdiv(triton.cdiv(l, ts), u) * u
+    return triton.cdiv(l, cl), cl
+
+
 def scan_fwd(xc, delta_f, delta_b, xdbl_f, xdbl_b, z, fwd, bwd, scale, save: bool):
     """Both scans, gated, as two program sets of one launch; their sum is ``y``. ``xc: (2, b, l, e)``,
     ``delta_*: (b, l, e)`` and ``xdbl_*: (b, l, r + 2n)`` contiguous, ``z: (b, l, e)`` (channels
     contiguous) → ``y: (b, l, e)``; with ``save`` also both directions' pre-gate outputs
-    ``(2, b, l, e)`` and fp32 states every ``TUNING["save_every"]`` steps, ``(2, b, e, segments, n)``."""
+    ``(2, b, l, e)`` and fp32 states every ``TUNING["save_every"]`` steps, ``(2, b, e, segments, n)``.
+    Without ``save``, a small grid may cut the sequence into pieces (:func:`time_splits`): a first
+    launch finds each piece's end state, the second runs all pieces at once."""
     b, l, e, n, cfg, grid, consts = _scan_common(xc, xdbl_f, fwd, "scan")
     u = math.gcd(cfg["u"], consts["S"])
+    ts, cl = (1, triton.cdiv(l, u) * u) if save else time_splits(cfg, 2 * grid[0] * grid[1], l, u)
     y2 = torch.empty(2, b, l, e, device=xc.device, dtype=xc.dtype)
     psum = torch.empty_like(y2) if save else y2
     segs = triton.cdiv(l, consts["S"])
     hs = torch.empty(2, b, e, segs, n, device=xc.device, dtype=torch.float32) if save else y2
-    _kernels()["scan_fwd"][(*grid, 2)](
-        xc, delta_f, xdbl_f, fwd.A_log, fwd.D, fwd.dt_proj_bias, z, y2, psum, hs,
-        xc.stride(0), _offset(delta_f, delta_b), _offset(xdbl_f, xdbl_b), _offset(fwd.A_log, bwd.A_log),
-        _offset(fwd.D, bwd.D), _offset(fwd.dt_proj_bias, bwd.dt_proj_bias), y2.stride(0), hs.stride(0) if save else 0,
-        l, e, triton.cdiv(l, u), xc.stride(1), xc.stride(2), z.stride(0), z.stride(1), y2.stride(1), y2.stride(2),
-        1, fwd.A_log.stride(0), scale, STORE_PSUM=save, STORE_STATES=save, U=u, PF=int(cfg.get("pf", 0)), **consts,
-    )
+    hc = torch.empty(2 * b * e * (ts - 1) * (n + 1), device=xc.device, dtype=torch.float32) if ts > 1 else y2
+    args = (xc, delta_f, xdbl_f, fwd.A_log, fwd.D, fwd.dt_proj_bias, z, y2, psum, hs, hc,
+            xc.stride(0), _offset(delta_f, delta_b), _offset(xdbl_f, xdbl_b), _offset(fwd.A_log, bwd.A_log),
+            _offset(fwd.D, bwd.D), _offset(fwd.dt_proj_bias, bwd.dt_proj_bias), y2.stride(0), hs.stride(0) if save else 0,
+            l, e, cl // u, cl, xc.stride(1), xc.stride(2), z.stride(0), z.stride(1), y2.stride(1), y2.stride(2),
+            1, fwd.A_log.stride(0), scale)
+    kw = dict(STORE_PSUM=save, STORE_STATES=save, U=u, PF=int(cfg.get("pf", 0)), TS=ts, **consts)
+    if ts > 1:  # the pieces' end states first
+        _kernels()["scan_fwd"][(*grid, 2 * (ts - 1))](*args, MODE=1, **kw)
+    _kernels()["scan_fwd"][(*grid, 2 * ts)](*args, MODE=0, **kw)
     return torch.add(y2[0], y2[1]), psum, hs
 
 

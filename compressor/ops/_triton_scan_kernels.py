@@ -59,12 +59,12 @@ def _step(h, u, dl, bm, cm, a2, dskip):
 
 
 @_jit
-def _fwd_loads(c, L, rev, d_ok, u_base, dt_base, bc_base, z_base, s_ul, s_zl, K: tl.constexpr, N: tl.constexpr,
+def _fwd_loads(s0, c, L, rev, d_ok, u_base, dt_base, bc_base, z_base, s_ul, s_zl, K: tl.constexpr, N: tl.constexpr,
                U: tl.constexpr):
-    """The loads of steps ``c*U .. c*U + U - 1`` (masked past ``L``): per step ``(u, Δ, B, C, z)``."""
+    """The loads of steps ``s0 + c*U .. s0 + c*U + U - 1`` (masked past ``L``): per step ``(u, Δ, B, C, z)``."""
     ins = ()
     for k in tl.static_range(U):
-        s = c * U + k
+        s = s0 + c * U + k
         t = s + rev * (L - 1 - 2 * s)  # s, or l - 1 - s backwards
         m = d_ok & (s < L)
         ins = ins + ((tl.load(u_base + t * s_ul, mask=m, other=0.0), tl.load(dt_base + t * s_ul, mask=m, other=0.0),
@@ -73,15 +73,16 @@ def _fwd_loads(c, L, rev, d_ok, u_base, dt_base, bc_base, z_base, s_ul, s_zl, K:
     return ins
 
 
-def scan_fwd_kernel(u_ptr, dt_ptr, bc_ptr, alog_ptr, dskip_ptr, bias_ptr, z_ptr, y_ptr, psum_ptr, hs_ptr,
+def scan_fwd_kernel(u_ptr, dt_ptr, bc_ptr, alog_ptr, dskip_ptr, bias_ptr, z_ptr, y_ptr, psum_ptr, hs_ptr, hc_ptr,
                     o_u, o_dt, o_bc, o_alog, o_dskip, o_bias, o_y, o_hs,
-                    L, E, n_chunks, s_ub, s_ul, s_zb, s_zl, s_yb, s_yl, s_1, s_an, scale,
+                    L, E, n_chunks, CL, s_ub, s_ul, s_zb, s_zl, s_yb, s_yl, s_1, s_an, scale,
                     STORE_PSUM: tl.constexpr, STORE_STATES: tl.constexpr, N: tl.constexpr, NB: tl.constexpr,
                     K: tl.constexpr, R: tl.constexpr, BD: tl.constexpr, U: tl.constexpr, S: tl.constexpr,
-                    PF: tl.constexpr = 0):
-    """Grid ``(b, cdiv(e, BD), 2)``, ``BD // 32`` warps; ``program_id(2)``: the direction (1 reads
-    the sequence backwards). Each pointer is the forward direction's tensor; ``o_*`` (elements)
-    reach the backward direction's (its own tensor, or the second half of a stacked one).
+                    PF: tl.constexpr = 0, TS: tl.constexpr = 1, MODE: tl.constexpr = 0):
+    """Grid ``(b, cdiv(e, BD), 2 * (TS - MODE))``, ``BD // 32`` warps; ``program_id(2) // (TS - MODE)``:
+    the direction (1 reads the sequence backwards). Each pointer is the forward direction's tensor;
+    ``o_*`` (elements) reach the backward direction's (its own tensor, or the second half of a
+    stacked one).
 
     ``u: (b, l, e)`` conv output; ``dt: (b, l, e)`` Δ before its bias (strides of ``u``);
     ``bc: (b, l, K)`` contiguous x_proj output (``K = R + 2N``; B at column ``R``, C at
@@ -95,12 +96,22 @@ def scan_fwd_kernel(u_ptr, dt_ptr, bc_ptr, alog_ptr, dskip_ptr, bias_ptr, z_ptr,
     order keeps one memory round trip per ``U`` steps instead of one per step. ``PF`` 1: the loads
     of the next ``U`` steps are issued before this iteration's steps are computed (one iteration
     of prefetch, so the round trip overlaps the arithmetic; meant for the latency-bound small
-    grids of batch 1)."""
+    grids of batch 1).
+
+    Time splits (``TS > 1``, inference only, for grids too small to fill the GPU): each direction's
+    sequence is cut into ``TS`` pieces of ``CL`` steps (scan order; ``CL`` a multiple of ``U``,
+    ``n_chunks = CL / U`` loop iterations per program). ``MODE`` 1 runs pieces ``0 .. TS - 2`` from
+    a zero state and stores into ``hc: (2, b, e, TS - 1, N)`` fp32 their end states, followed by
+    ``(2, b, e, TS - 1)`` their sums of Δ (the piece's decay is ``exp(A ΣΔ)``, ``A`` per state).
+    ``MODE`` 0 then runs every piece from its true entering state, chained from those
+    (``h ← exp(A ΣΔ_j) h + h_j``): two passes of ``l / TS`` steps instead of one of ``l``."""
     # the launcher adds OFFSET_BIAS to the offsets between tensors (a fixed i64 argument type)
     o_dt, o_bc, o_alog = o_dt - OFFSET_BIAS, o_bc - OFFSET_BIAS, o_alog - OFFSET_BIAS
     o_dskip, o_bias = o_dskip - OFFSET_BIAS, o_bias - OFFSET_BIAS
     pid_b = tl.program_id(0)
-    rev = tl.program_id(2)
+    rev = tl.program_id(2) // (TS - MODE)
+    piece = tl.program_id(2) % (TS - MODE)
+    s0 = piece * CL
     d = tl.program_id(1) * BD + tl.arange(0, BD)
     d_ok = d < E
     n = _state_index(N, NB)
@@ -116,29 +127,46 @@ def scan_fwd_kernel(u_ptr, dt_ptr, bc_ptr, alog_ptr, dskip_ptr, bias_ptr, z_ptr,
     bc_base = bc_ptr + rev * o_bc + (pid_b * L).to(tl.int64) * K + R + n + d[None, None, :] * 0  # NB contiguous
     hs_off = rev * o_hs + (pid_b * E + d[None, None, :]).to(tl.int64) * tl.cdiv(L, S) * N + n
     h = tl.zeros([N // NB, NB, BD], dtype=tl.float32)
+    dsum = tl.zeros([BD], dtype=tl.float32)
+    if TS > 1:  # pieces of this (image, direction, channels): hc rows j = 0 .. TS - 2
+        hc_row = ((rev * tl.num_programs(0) + pid_b) * E + d).to(tl.int64) * (TS - 1)
+        sums_at = (2 * tl.num_programs(0) * E).to(tl.int64) * (TS - 1) * N
+        if MODE == 0:  # the state entering this piece, chained over the pieces before it
+            for j in tl.static_range(TS - 1):
+                ds = tl.load(hc_ptr + sums_at + hc_row + j, mask=d_ok & (j < piece), other=0.0)
+                he = tl.load(hc_ptr + (hc_row[None, None, :] + j) * N + n, mask=d_ok[None, None, :] & (j < piece),
+                             other=0.0)
+                h = tl.exp2(ds[None, None, :] * a2) * h + he  # j ≥ piece: decay 1, input 0
     if PF:
-        nxt = _fwd_loads(0, L, rev, d_ok, u_base, dt_base, bc_base, z_base, s_ul, s_zl, K, N, U)
+        nxt = _fwd_loads(s0, 0, L, rev, d_ok, u_base, dt_base, bc_base, z_base, s_ul, s_zl, K, N, U)
     for c in range(0, n_chunks):
         if STORE_STATES:
             if c % (S // U) == 0:
                 tl.store(hs_ptr + hs_off + c // (S // U) * N, h, mask=d_ok[None, None, :])
         if PF:
             ins = nxt
-            nxt = _fwd_loads(c + 1, L, rev, d_ok, u_base, dt_base, bc_base, z_base, s_ul, s_zl, K, N, U)
+            nxt = _fwd_loads(s0, c + 1, L, rev, d_ok, u_base, dt_base, bc_base, z_base, s_ul, s_zl, K, N, U)
         else:  # all loads of the U steps first
-            ins = _fwd_loads(c, L, rev, d_ok, u_base, dt_base, bc_base, z_base, s_ul, s_zl, K, N, U)
+            ins = _fwd_loads(s0, c, L, rev, d_ok, u_base, dt_base, bc_base, z_base, s_ul, s_zl, K, N, U)
         for k in tl.static_range(U):
-            s = c * U + k
+            s = s0 + c * U + k
             t = s + rev * (L - 1 - 2 * s)
             m = d_ok & (s < L)
             u_, v_, b_, c_, z_ = ins[k]
             u = u_.to(tl.float32)
             dl = tl.where(m, _softplus(v_.to(tl.float32) + bias), 0.0)  # padding: decay 1, input 0
-            h, p = _step(h, u, dl, b_.to(tl.float32), c_.to(tl.float32), a2, dskip)
-            p = p * scale
-            if STORE_PSUM:
-                tl.store(ps_base + t * s_yl, p.to(psum_ptr.dtype.element_ty), mask=m)
-            tl.store(y_base + t * s_yl, (p * _silu(z_.to(tl.float32))).to(y_ptr.dtype.element_ty), mask=m)
+            if MODE == 1:  # end state only
+                h = tl.exp2(dl[None, None, :] * a2) * h + (dl * u)[None, None, :] * b_.to(tl.float32)
+                dsum += dl
+            else:
+                h, p = _step(h, u, dl, b_.to(tl.float32), c_.to(tl.float32), a2, dskip)
+                p = p * scale
+                if STORE_PSUM:
+                    tl.store(ps_base + t * s_yl, p.to(psum_ptr.dtype.element_ty), mask=m)
+                tl.store(y_base + t * s_yl, (p * _silu(z_.to(tl.float32))).to(y_ptr.dtype.element_ty), mask=m)
+    if MODE == 1:
+        tl.store(hc_ptr + (hc_row[None, None, :] + piece) * N + n, h, mask=d_ok[None, None, :])
+        tl.store(hc_ptr + sums_at + hc_row + piece, dsum, mask=d_ok)
 
 
 @_jit
