@@ -60,26 +60,44 @@ def export_job(job: dict) -> dict:
     return {**job, "export_s": time.perf_counter() - t0, "nodes": report.node_count, "nodes_per_block": report.nodes_per_block}
 
 
+def export_key(name: str, recipe: str | None, dtype: str, batch: int, scan: str) -> str:
+    return f"{name}_{recipe or 'plain'}_{dtype}_b{batch}_{scan}"
+
+
+def run_exports(jobs: list[dict], workers: int) -> list[dict]:
+    """Each job exported in a worker process, unless its file and report are already in place
+    (a re-run, or an earlier call that only exported, reuses them)."""
+    done, todo = [], []
+    for j in jobs:
+        meta = Path(j["path"] + ".json")
+        if Path(j["path"]).exists() and meta.exists():
+            done.append(json.loads(meta.read_text()))
+        else:
+            todo.append(j)
+    if todo:
+        ctx = __import__("multiprocessing").get_context("spawn")
+        with cf.ProcessPoolExecutor(max_workers=max(1, min(workers, len(todo))), mp_context=ctx) as pool:
+            for fut in cf.as_completed([pool.submit(export_job, j) for j in todo]):
+                r = fut.result()
+                Path(r["path"] + ".json").write_text(json.dumps(r))
+                print(f"exported {r['key']}: {r['export_s']:.0f} s, {r['nodes']} nodes", flush=True)
+                done.append(r)
+    return sorted(done, key=lambda r: r["key"])
+
+
 def export_all(args, work: Path) -> list[dict]:
     jobs = []
     for name in args.models:
         for recipe in (None, args.recipe):
             for dtype in args.dtypes:
                 for batch in args.batches:
-                    key = f"{name}_{recipe or 'plain'}_{dtype}_b{batch}_ssd"
+                    key = export_key(name, recipe, dtype, batch, "ssd")
                     jobs.append(dict(key=key, model=name, recipe=recipe, dtype=dtype, batch=batch, scan="ssd", path=str(work / f"{key}.onnx")))
     if args.loop:
         name = args.models[0]
         jobs.append(dict(key=f"{name}_plain_fp32_b1_loop", model=name, recipe=None, dtype="fp32", batch=1, scan="loop",
                          path=str(work / f"{name}_plain_fp32_b1_loop.onnx")))
-    done = []
-    ctx = __import__("multiprocessing").get_context("spawn")
-    with cf.ProcessPoolExecutor(max_workers=min(args.workers, len(jobs)), mp_context=ctx) as pool:
-        for fut in cf.as_completed([pool.submit(export_job, j) for j in jobs]):
-            r = fut.result()
-            print(f"exported {r['key']}: {r['export_s']:.0f} s, {r['nodes']} nodes", flush=True)
-            done.append(r)
-    return sorted(done, key=lambda r: r["key"])
+    return run_exports(jobs, args.workers)
 
 
 def ort_runner(path: str, x: torch.Tensor, cuda_graph: bool):
@@ -210,6 +228,7 @@ def main() -> None:
     p.add_argument("--budget-s", type=float, default=330, help="stop starting new GPU timings after this many seconds")
     p.add_argument("--work", type=Path, default=Path("/tmp/rmeeto_onnx_gpu"))
     p.add_argument("--cpu-smoke", action="store_true")
+    p.add_argument("--export-only", action="store_true", help="write the exports into --work and stop (no GPU needed)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     if args.cpu_smoke:
@@ -234,6 +253,9 @@ def main() -> None:
     results["exports"] = export_all(args, args.work)
     results["export_wall_s"] = time.time() - t0
     save()
+    if args.export_only:
+        print(f"exported into {args.work} in {results['export_wall_s']:.0f} s")
+        return
     if args.cpu_smoke:
         cpu_smoke(args, results["exports"], results, save)
     else:

@@ -263,39 +263,44 @@ def models(a, results, names=None):
 
 
 def kernels(a, results):
-    """Where batch 1 goes: device time per kernel name of one plain forward (batch 1, fp16,
-    profiled eagerly: the same kernels a CUDA graph replays), per backend."""
+    """Where batch 1 goes: device time per kernel name of one forward (batch 1, fp16, profiled
+    eagerly: the same kernels a CUDA graph replays), plain and ``--recipe``, per backend."""
     from torch.profiler import ProfilerActivity, profile
 
     name = a.models.split(",")[0]
     torch.manual_seed(0)
-    model = create_model(name).eval().to(DEV, torch.float16 if DEV == "cuda" else torch.float32)
-    x = torch.randn(1, model.cfg.in_chans, model.cfg.img_size, model.cfg.img_size, device=DEV,
-                    dtype=next(model.parameters()).dtype)
+    plain = create_model(name).eval()
+    targets = {"plain": plain, a.recipe: convert(plain, a.recipe)}
     out = {}
     reps = 5 if not a.smoke else 1
-    for backend in a.backends.split(","):
-        set_backend(model, backend)
-        with torch.inference_mode():
-            for _ in range(3):
-                model(x)
-            sync()
-            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
-            with profile(activities=acts) as prof:
-                for _ in range(reps):
+    for tname, model in targets.items():
+        model.to(DEV, torch.float16 if DEV == "cuda" else torch.float32)
+        x = torch.randn(1, model.cfg.in_chans, model.cfg.img_size, model.cfg.img_size, device=DEV,
+                        dtype=next(model.parameters()).dtype)
+        for backend in a.backends.split(","):
+            set_backend(model, backend)
+            with torch.inference_mode():
+                for _ in range(3):
                     model(x)
                 sync()
-        per = {}
-        for ev in prof.key_averages():
-            t = getattr(ev, "device_time_total", 0) if DEV == "cuda" else 0
-            if t > 0 and ev.device_type.name == "CUDA":
-                per[ev.key] = (t / reps / 1e3, ev.count // reps)
-        top = sorted(per.items(), key=lambda kv: -kv[1][0])
-        total = sum(v[0] for v in per.values())
-        out[backend] = dict(total_ms=total, kernels=[dict(name=k[:120], ms=v[0], calls=v[1]) for k, v in top[:25]])
-        print(f"  kernels {name} b=1 {backend}: {total:.3f} ms of device time per forward", flush=True)
-        for k, (ms, calls) in top[:12]:
-            print(f"    {ms:7.3f} ms {calls:4d}x  {k[:90]}", flush=True)
+                acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+                with profile(activities=acts) as prof:
+                    for _ in range(reps):
+                        model(x)
+                    sync()
+            per = {}
+            for ev in prof.key_averages():
+                t = getattr(ev, "device_time_total", 0) if DEV == "cuda" else 0
+                if t > 0 and ev.device_type.name == "CUDA":
+                    per[ev.key] = (t / reps / 1e3, ev.count // reps)
+            top = sorted(per.items(), key=lambda kv: -kv[1][0])
+            total = sum(v[0] for v in per.values())
+            out[f"{tname}/{backend}"] = dict(total_ms=total, launches=sum(v[1] for v in per.values()),
+                                             kernels=[dict(name=k[:120], ms=v[0], calls=v[1]) for k, v in top[:25]])
+            print(f"  kernels {name} {tname} b=1 {backend}: {total:.3f} ms of device time, "
+                  f"{out[f'{tname}/{backend}']['launches']} kernels per forward", flush=True)
+            for k, (ms, calls) in top[:14]:
+                print(f"    {ms:7.3f} ms {calls:4d}x  {k[:90]}", flush=True)
     results["kernels"] = out
 
 

@@ -136,6 +136,36 @@ def test_bimamba_inner_triton_vs_ref_and_cuda(b, length, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("length", [pytest.param(l, marks=pytest.mark.xdist_group(f"1x{l}")) for l in LENGTHS])
+def test_bimamba_inner_triton_inference_vs_ref_and_cuda(length, dtype):
+    """Batch 1 without autograd: the shipped tile cuts the scan into pieces of the sequence
+    (``TUNING`` ``ts``); same budget as the training path, against the same references."""
+    from compressor.ops import _triton_bimamba as tb
+
+    e = WIDTH[1][1]
+    args, (y64, _) = reference(1, length)
+    cfg = tb.scan_config("scan", 1, e)
+    pieces, _ = tb.time_splits(cfg, 2 * -(-e // cfg["bd"]), length, cfg["u"])
+    assert pieces > 1 or length <= 2 * cfg["u"]  # the shipped batch-1 tile does split
+    h, w_in, fwd, bwd, _ = args
+    with torch.no_grad():
+        def go(dtype_, backend):
+            c = (lambda t: t.to(dtype_))
+            return bimamba_inner(c(h), c(w_in), Direction(*map(c, fwd)), Direction(*map(c, bwd)), backend=backend)
+        y = go(dtype, "triton")
+        base_name, yb = ("cuda", go(dtype, "cuda")) if has_cuda_kernels() else ("ref", go(dtype, "ref"))
+    scale = y64.abs().max().item()
+    err, err_b = max_err(y, y64), max_err(yb, y64)
+    ERRORS.append(dict(b=1, l=length, dtype=str(dtype), what="y (inference)", pieces=pieces, scale=scale, err_triton=err,
+                       **{f"err_{base_name}": err_b}))
+    if dtype == torch.float32:
+        assert err <= 1e-5 * scale, f"{pieces} pieces: {err / scale:.2e}"
+    else:
+        assert err <= 2.0 * err_b + 0.5 * torch.finfo(dtype).eps * scale, \
+            f"{pieces} pieces: triton {err / scale:.2e} vs {base_name} {err_b / scale:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_add_rms_norm_triton(dtype, with_residual):
     g = torch.Generator(device="cuda").manual_seed(4)
