@@ -38,7 +38,7 @@ except ImportError:  # pragma: no cover - onnxscript before 0.3 carries the IR i
     from onnxscript import ir
 
 from ._scan_ref import selective_scan_ref
-from ._scan_ssd import relative_cumsum_matrix, selective_scan_ssd, ssd_params, upper_ones
+from ._scan_ssd import selective_scan_ssd, ssd_params
 
 __all__ = ["onnx_translation", "translating", "ssd_scan_onnx", "loop_scan_onnx", "loop_scan_reversed_onnx"]
 
@@ -122,10 +122,12 @@ def ssd_scan_onnx(u: T, delta: T, A: T, B: T, C: T, D: Optional[T] = None, z: Op
                   delta_bias: Optional[T] = None, delta_softplus: bool = False) -> T:
     """ONNX translation of ``rmeeto::ssd_scan`` (traced by the exporter: ``op.*`` calls become
     nodes). The computation of :func:`selective_scan_ssd`, arranged for ONNX Runtime's kernels
-    (each choice below measured on its CPU provider): per-chunk quantities come from ``ReduceSum``
-    over the chunk halves (a strided ``Slice`` of the last axis costs twice as much), the carries
-    run on ``(nc, ...)`` tensors (contiguous rows), softplus is composed from ``Exp``/``Log``
-    (``Softplus`` is five times slower). The batch may be dynamic; ``d``, ``n``, ``l`` are static."""
+    and its CUDA provider: the within-chunk cumulative sums are ``CumSum`` nodes (as ``(T, T)``
+    matrix products, the CUDA provider ran them as huge GEMMs with an 8-wide output, half of the
+    batch-128 time: benchmarks/onnx_gpu_kernels.py), the per-chunk quantities are single steps
+    of those sums, the carries run on ``(nc, ...)`` tensors (contiguous rows), softplus is
+    composed from ``Exp``/``Log`` (``Softplus`` is five times slower on the CPU provider). The
+    batch may be dynamic; ``d``, ``n``, ``l`` are static."""
     out_type = int(u.dtype)
     d, l, n = int(u.shape[1]), int(u.shape[2]), int(A.shape[1])  # before any Cast (its output has no shape)
     acc, const, (u, delta, A, B, C, D, z) = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
@@ -137,17 +139,19 @@ def ssd_scan_onnx(u: T, delta: T, A: T, B: T, C: T, D: Optional[T] = None, z: Op
     dl, x, Bp, Cp = ((op.Pad(t, [0, 0, 0, 0, 0, pad]) if pad else t) for t in (delta, x, B, C))
     chunked = lambda t, rows: op.Reshape(t, [0, *rows, nc, T_])  # noqa: E731  (b, ..., nc, T)
     logd = op.Max(op.Mul(chunked(dl, [d, 1]), op.Reshape(A, [1, d, n, 1, 1])), const(-K))
-    S = op.MatMul(logd, const(relative_cumsum_matrix(T_, np_acc)))  # the reference is the last step of the first half
+    last_axis = op.Constant(value_int=-1)
+    at = lambda t, k: op.Slice(t, [k], [k + 1], [-1])  # noqa: E731  step k of each chunk, kept as (..., 1)
+    to_carry = lambda t: op.Transpose(t, perm=[3, 4, 0, 1, 2])  # noqa: E731  (b, d, n, nc, 1) -> (nc, 1, b, d, n)
+    cs = op.CumSum(logd, last_axis)  # Σ_{k≤t} P_k within each chunk
+    ref = at(cs, half - 1)  # Σ_{k≤m} P_k: chunk start → reference (the last step of the first half)
+    S = op.Sub(cs, ref)
     E = op.Exp(S)
     W = op.Div(op.Mul(chunked(x, [d, 1]), chunked(Bp, [1, n])), E)
-    # per chunk: log-decays of its two halves, the sum of W; moved to (nc, ...) for the carries
-    halves = op.ReduceSum(op.Reshape(logd, [0, d, n, nc, 2, half]), [-1], keepdims=0)  # (b, d, n, nc, 2)
-    to_ref, rest = op.Split(op.Transpose(halves, perm=[3, 4, 0, 1, 2]), num_outputs=2, axis=1)  # (nc, 1, b, d, n)
-    w_sum = op.Unsqueeze(op.Transpose(op.ReduceSum(W, [-1], keepdims=0), perm=[3, 0, 1, 2]), [1])
-    h_in = _chunk_carries_onnx(op.Exp(op.Add(to_ref, rest)), op.Mul(op.Exp(rest), w_sum), nc)
-    c = op.Reshape(op.Transpose(op.Mul(op.Exp(to_ref), h_in), perm=[2, 3, 4, 0, 1]), [-1, 1])
-    G = op.Gemm(op.Reshape(W, [-1, T_]), const(upper_ones(T_, np_acc)), c)  # cumulative sums + carry
-    y = op.ReduceSum(op.Mul(op.Mul(E, op.Reshape(G, [-1, d, n, nc, T_])), chunked(Cp, [1, n])), [2], keepdims=0)
+    cw = op.CumSum(W, last_axis)  # cumulative sums of W within each chunk; its last step is the chunk's sum
+    to_ref, rest = to_carry(ref), to_carry(op.Sub(at(cs, T_ - 1), ref))  # (nc, 1, b, d, n)
+    h_in = _chunk_carries_onnx(op.Exp(op.Add(to_ref, rest)), op.Mul(op.Exp(rest), to_carry(at(cw, T_ - 1))), nc)
+    G = op.Add(cw, op.Transpose(op.Mul(op.Exp(to_ref), h_in), perm=[2, 3, 4, 0, 1]))  # + the carry, (b, d, n, nc, T)
+    y = op.ReduceSum(op.Mul(op.Mul(E, G), chunked(Cp, [1, n])), [2], keepdims=0)
     y = op.Reshape(y, [0, d, nc * T_])
     if pad:
         y = op.Slice(y, [0], [l], [-1])
