@@ -2,7 +2,7 @@
 provider: what a change of the exported graph buys, measured in one run on one machine.
 
 Each ``--checkout LABEL=DIR`` exports the model (default Vim-Ti r031, random weights seeded,
-dynamic batch, default scan form) with the ``compressor`` package of ``DIR`` in a subprocess
+dynamic batch, ``--scan`` form) with the ``compressor`` package of ``DIR`` in a subprocess
 (``PYTHONPATH=DIR``), which also checks parity against PyTorch; the files are then timed by
 :func:`onnx_cpu.time_sessions` (the sessions take turns run by run, so a burst of load from
 other processes hits all alike; median, min and max). With ``--workdir`` the files (and their
@@ -36,13 +36,13 @@ from compressor.export import export_onnx
 from compressor.export._graph import block_node_counts
 from compressor.models import create_model
 import onnx
-name, recipe, out = sys.argv[1:4]
+name, recipe, out, scan = sys.argv[1:5]
 torch.manual_seed(0)
 model = create_model(name).eval()
 if recipe != "none":
     model = convert(model, recipe)
 t0 = time.perf_counter()
-report = export_onnx(model, out, dynamic_batch=True)
+report = export_onnx(model, out, dynamic_batch=True, **({} if scan == "default" else {"scan": scan}))
 wall = time.perf_counter() - t0
 graph = onnx.load(out).graph
 consts = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
@@ -52,9 +52,9 @@ print(json.dumps({"wall_s": wall, "nodes": report.node_count, "nodes_per_block":
 """
 
 
-def export(label: str, checkout: Path, name: str, recipe: str, out: Path) -> dict:
+def export(label: str, checkout: Path, name: str, recipe: str, out: Path, scan: str = "default") -> dict:
     env = {**os.environ, "PYTHONPATH": str(checkout.resolve())}
-    proc = subprocess.run([sys.executable, "-c", _EXPORT, name, recipe, str(out)], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", _EXPORT, name, recipe, str(out), scan], env=env, capture_output=True, text=True,
                           cwd=checkout)
     if proc.returncode:
         sys.exit(f"export with {label} ({checkout}) failed:\n{proc.stderr[-2000:]}")
@@ -66,6 +66,7 @@ def main() -> None:
     p.add_argument("--checkout", nargs="+", required=True, help="LABEL=DIR: a checkout whose compressor exports the model")
     p.add_argument("--model", default="vim_tiny")
     p.add_argument("--recipe", default="r031", help="'none' for the plain model")
+    p.add_argument("--scan", default="default", help="export scan form (loop, ssd; default: the export default)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (also set OMP_NUM_THREADS)")
     p.add_argument("--warmup", type=int, default=2)
@@ -86,7 +87,7 @@ def main() -> None:
             report = paths[label].with_suffix(".json")
             if args.fresh or not (paths[label].is_file() and report.is_file()):
                 print(f"exporting with {label} ({checkout}) ...", flush=True)
-                report.write_text(json.dumps(export(label, Path(checkout), args.model, args.recipe, paths[label])))
+                report.write_text(json.dumps(export(label, Path(checkout), args.model, args.recipe, paths[label], args.scan)))
             results["variants"][label] = {"checkout": checkout, "export": json.loads(report.read_text())}
             print(f"  {label}: {results['variants'][label]['export']}", flush=True)
         latency = time_sessions(paths, args.batches, args.threads, args.warmup, args.repeats)
