@@ -63,9 +63,9 @@ __all__ = [
 BACKENDS = ("auto", "ref", "chunked", "ssd", "loop", "cuda", "triton")
 #: What ``auto`` picks on CUDA tensors, fastest first; ``triton`` only for the ops it implements.
 #: Measured on an H200 (docs/benchmarks.md, section 8): ``triton`` x3.5 (Vim-S) and x3.0 (Vim-Ti)
-#: over ``cuda`` at batch 128 fp16, x1.06 for Vim-S at batch 1 in a CUDA graph, x1.1-1.25 for the
-#: bf16 re-training step; ``cuda`` stays faster for Vim-Ti at batch 1 (2.53 vs 3.01 ms), pick it
-#: explicitly there. ``chunked`` is ~15x slower than ``cuda`` (section 1, H100).
+#: over ``cuda`` at batch 128 fp16, x2.3 for Vim-S at batch 1 in a CUDA graph (1.48 vs 3.43 ms;
+#: Vim-Ti 1.52 ms against 2.53 ms for ``cuda`` in an earlier call), x1.5-1.8 for the bf16
+#: re-training step. ``chunked`` is ~15x slower than ``cuda`` (section 1, H100).
 AUTO_CUDA_ORDER = ("triton", "cuda", "chunked")
 _TRITON_OPS = ("bimamba_inner", "rms_norm_fn")
 #: scan forms an ONNX export can be written with; the default was measured fastest on ONNX
