@@ -18,7 +18,6 @@ installed on a host without network) and a CUDA device:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -30,27 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from kernel_profile import kernel_times, summary  # noqa: E402
 from onnx_cpu import write_results  # noqa: E402
 from onnx_gpu import build, export_key, ort_runner, run_exports  # noqa: E402
-
-
-def device_kernels(fn, runs: int) -> dict:
-    """Kernels of ``runs`` calls of ``fn`` (warm): device ms and launches per call, top 15 by time."""
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(runs):
-            fn()
-        torch.cuda.synchronize()
-    per = {}
-    for ev in prof.key_averages():
-        t = getattr(ev, "device_time_total", 0)
-        if t > 0 and ev.device_type.name == "CUDA":
-            per[ev.key] = (t / runs / 1e3, ev.count / runs)
-    top = sorted(per.items(), key=lambda kv: -kv[1][0])
-    return dict(device_ms=sum(v[0] for v in per.values()), launches=sum(v[1] for v in per.values()),
-                top=[dict(kernel=k[:140], ms=round(v[0], 4), calls=v[1]) for k, v in top[:15]])
 
 
 def wall_ms(fn, warmup: int = 3, repeats: int = 10) -> float:
@@ -113,7 +94,7 @@ def main(argv=None) -> int:
             path = exports[export_key(args.model, args.recipe, args.dtype, batch, scan)]["path"]
             runner, _ = ort_runner(path, x, cuda_graph=False)
             row = dict(what="onnxruntime-cuda", scan=scan, batch=batch, wall_ms=wall_ms(runner.run),
-                       **device_kernels(runner.run, args.runs))
+                       **summary(kernel_times(runner.run, args.runs)))
             results["rows"].append(row)
             show(f"ORT CUDA {tag} {scan} b{batch}", row)
             write_results(args.out, results)
@@ -122,7 +103,7 @@ def main(argv=None) -> int:
         with torch.inference_mode():
             def fwd():
                 return model(x)
-            row = dict(what="torch-triton-eager", scan="triton", batch=batch, wall_ms=wall_ms(fwd), **device_kernels(fwd, args.runs))
+            row = dict(what="torch-triton-eager", scan="triton", batch=batch, wall_ms=wall_ms(fwd), **summary(kernel_times(fwd, args.runs)))
         results["rows"].append(row)
         show(f"torch triton {tag} b{batch}", row)
         write_results(args.out, results)

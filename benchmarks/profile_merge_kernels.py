@@ -15,33 +15,24 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compressor import convert, create_model, set_merge_impl  # noqa: E402
 from compressor.models import set_backend  # noqa: E402
 
+import kernel_profile  # noqa: E402  (benchmarks/, the script's folder)
+
 MERGE_KERNELS = ("score_kernel", "slot_kernel", "gather_kernel")
 
 
-def kernel_times(model, x, iters: int = 10) -> dict[str, tuple[int, float]]:
-    """name -> (calls per forward, device microseconds per forward)."""
+def kernel_times(model, x, iters: int = 10) -> dict[str, list[float]]:
+    """name -> [calls per forward, device microseconds per forward]."""
     with torch.inference_mode():
         for _ in range(3):
             model(x)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(iters):
-                model(x)
-            torch.cuda.synchronize()
-    out: dict[str, list] = {}
-    for e in prof.key_averages():
-        if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0):
-            t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
-            if t:
-                out[e.key] = [e.count / iters, t / iters]
-    return out
+        times = kernel_profile.kernel_times(lambda: model(x), iters)
+    return {k: [calls, ms * 1e3] for k, (calls, ms) in times.items()}
 
 
 def main(argv=None) -> int:

@@ -265,7 +265,7 @@ def models(a, results, names=None):
 def kernels(a, results):
     """Where batch 1 goes: device time per kernel name of one forward (batch 1, fp16, profiled
     eagerly: the same kernels a CUDA graph replays), plain and ``--recipe``, per backend."""
-    from torch.profiler import ProfilerActivity, profile
+    from kernel_profile import kernel_times, summary
 
     name = a.models.split(",")[0]
     torch.manual_seed(0)
@@ -282,25 +282,12 @@ def kernels(a, results):
             with torch.inference_mode():
                 for _ in range(3):
                     model(x)
-                sync()
-                acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
-                with profile(activities=acts) as prof:
-                    for _ in range(reps):
-                        model(x)
-                    sync()
-            per = {}
-            for ev in prof.key_averages():
-                t = getattr(ev, "device_time_total", 0) if DEV == "cuda" else 0
-                if t > 0 and ev.device_type.name == "CUDA":
-                    per[ev.key] = (t / reps / 1e3, ev.count // reps)
-            top = sorted(per.items(), key=lambda kv: -kv[1][0])
-            total = sum(v[0] for v in per.values())
-            out[f"{tname}/{backend}"] = dict(total_ms=total, launches=sum(v[1] for v in per.values()),
-                                             kernels=[dict(name=k[:120], ms=v[0], calls=v[1]) for k, v in top[:25]])
-            print(f"  kernels {name} {tname} b=1 {backend}: {total:.3f} ms of device time, "
-                  f"{out[f'{tname}/{backend}']['launches']} kernels per forward", flush=True)
-            for k, (ms, calls) in top[:14]:
-                print(f"    {ms:7.3f} ms {calls:4d}x  {k[:90]}", flush=True)
+                res = summary(kernel_times(lambda: model(x), reps), top=25)
+            out[f"{tname}/{backend}"] = res
+            print(f"  kernels {name} {tname} b=1 {backend}: {res['device_ms']:.3f} ms of device time, "
+                  f"{res['launches']:.0f} kernels per forward", flush=True)
+            for k in res["top"][:14]:
+                print(f"    {k['ms']:7.3f} ms {k['calls']:4.0f}x  {k['kernel'][:90]}", flush=True)
     results["kernels"] = out
 
 
