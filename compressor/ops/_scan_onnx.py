@@ -131,7 +131,6 @@ def ssd_scan_onnx(u: T, delta: T, A: T, B: T, C: T, D: Optional[T] = None, z: Op
     out_type = int(u.dtype)
     d, l, n = int(u.shape[1]), int(u.shape[2]), int(A.shape[1])  # before any Cast (its output has no shape)
     acc, const, (u, delta, A, B, C, D, z) = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    np_acc = np.float64 if acc == _DOUBLE else np.float32
     T_, K = ssd_params(torch.float64 if acc == _DOUBLE else torch.float32)
     nc, half = -(-l // T_), T_ // 2
     pad = nc * T_ - l

@@ -155,8 +155,8 @@ def scan_fwd_kernel(u_ptr, dt_ptr, bc_ptr, alog_ptr, dskip_ptr, bias_ptr, z_ptr,
             u_, v_, b_, c_, z_ = ins[k]
             u = u_.to(tl.float32)
             dl = tl.where(m, _softplus(v_.to(tl.float32) + bias), 0.0)  # padding: decay 1, input 0
-            if MODE == 1:  # end state only
-                h = tl.exp2(dl[None, None, :] * a2) * h + (dl * u)[None, None, :] * b_.to(tl.float32)
+            if MODE == 1:  # end state only (the readout is unused, as in the backward's recompute)
+                h, _ = _step(h, u, dl, b_.to(tl.float32), c_.to(tl.float32), a2, dskip)
                 dsum += dl
             else:
                 h, p = _step(h, u, dl, b_.to(tl.float32), c_.to(tl.float32), a2, dskip)
