@@ -18,9 +18,7 @@ installed on a host without network) and a CUDA device:
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -34,22 +32,12 @@ from onnx_cpu import write_results  # noqa: E402
 from onnx_gpu import build, export_key, ort_runner, run_exports  # noqa: E402
 
 
-def wall_ms(fn, warmup: int = 3, repeats: int = 10) -> float:
-    """Median wall time of one call (fewer repeats when one call takes over 0.2 s)."""
-    t0 = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    slow = time.perf_counter() - t0 > 0.2
-    for _ in range(1 if slow else warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(3 if slow else repeats):
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+def wall_ms(runner, batch: int) -> float:
+    """Median wall time of one call (``compressor.profile.timing.measure``: 3 warm-up calls, up to
+    10 timed ones within about 2 s, at least 3)."""
+    from compressor.profile.timing import measure
+
+    return measure(runner, batch, warmup=3, repeats=10, budget_s=2.0, min_repeats=3)["latency_ms_median"]
 
 
 def show(label: str, row: dict) -> None:
@@ -74,6 +62,7 @@ def main(argv=None) -> int:
 
     from compressor.export import _runtime
     from compressor.models import set_backend
+    from compressor.profile.timing import Runner
 
     args.work.mkdir(parents=True, exist_ok=True)
     jobs = [dict(key=export_key(args.model, args.recipe, args.dtype, b, scan), model=args.model, recipe=args.recipe,
@@ -93,7 +82,7 @@ def main(argv=None) -> int:
         for scan in args.scans:
             path = exports[export_key(args.model, args.recipe, args.dtype, batch, scan)]["path"]
             runner, _ = ort_runner(path, x, cuda_graph=False)
-            row = dict(what="onnxruntime-cuda", scan=scan, batch=batch, wall_ms=wall_ms(runner.run),
+            row = dict(what="onnxruntime-cuda", scan=scan, batch=batch, wall_ms=wall_ms(runner, batch),
                        **summary(kernel_times(runner.run, args.runs)))
             results["rows"].append(row)
             show(f"ORT CUDA {tag} {scan} b{batch}", row)
@@ -103,7 +92,8 @@ def main(argv=None) -> int:
         with torch.inference_mode():
             def fwd():
                 return model(x)
-            row = dict(what="torch-triton-eager", scan="triton", batch=batch, wall_ms=wall_ms(fwd), **summary(kernel_times(fwd, args.runs)))
+            row = dict(what="torch-triton-eager", scan="triton", batch=batch, wall_ms=wall_ms(Runner(fwd, "cuda"), batch),
+                       **summary(kernel_times(fwd, args.runs)))
         results["rows"].append(row)
         show(f"torch triton {tag} b{batch}", row)
         write_results(args.out, results)
