@@ -13,6 +13,8 @@ run, every number a median over repeats after warm-up (CUDA events; graphs: repl
   The triton model's logits are compared with the cuda model's first.
 - ``kernels``: device time per kernel of one plain batch-1 forward (the first of ``--models``),
   per backend: where the batch-1 latency goes.
+- ``timeline``: batch 1 in a CUDA graph (plain, ``--recipe``, its slicing twin; last backend):
+  replay time, and a profiler trace split into kernel time and the idle gaps between kernels.
 - ``retrain``: the engine's ``train_step`` (merged student forward + backward, teacher forward,
   AdamW) at batch 128, bf16 autocast, recipes none and r031, per backend.
 
@@ -291,6 +293,93 @@ def kernels(a, results):
     results["kernels"] = out
 
 
+# --------------------------------------------------------------------------- timeline
+
+
+def _trace_kernels(fn, runs: int) -> list[tuple[float, float, str]]:
+    """``(start µs, duration µs, name)`` of every kernel, memcpy and memset the GPU ran during
+    ``runs`` calls of ``fn``, in start order (torch.profiler's trace; CUPTI sees graph nodes)."""
+    import os
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(runs):
+            fn()
+        torch.cuda.synchronize()
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        events = json.loads(Path(path).read_text())["traceEvents"]
+    finally:
+        os.unlink(path)
+    ops_ = [(float(e["ts"]), float(e.get("dur", 0)), e.get("name", "?")) for e in events
+            if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    return sorted(ops_)
+
+
+def timeline(a, results):
+    """Batch 1 in a CUDA graph, where the time goes between the GPU's operations: per target
+    (plain, ``--recipe``, its zero-cost-slicing twin) on the last backend, the replay time of
+    back-to-back replays and of one replay as ``models`` times it, and from a profiler trace of
+    replays: kernel time, idle gaps between consecutive kernels, and which kernels the largest
+    gaps precede."""
+    name = a.models.split(",")[0]
+    backend = a.backends.split(",")[-1]
+    torch.manual_seed(0)
+    plain = create_model(name).eval()
+    merged = convert(plain, a.recipe)
+    targets = {"plain": plain, a.recipe: merged, f"{a.recipe}-sliced": sliced_variant(merged)}
+    out = {}
+    runs = 5 if not a.smoke else 1
+    for tname, t in targets.items():
+        t.to(DEV, torch.float16 if DEV == "cuda" else torch.float32)
+        set_backend(t, backend)
+        x = torch.randn(1, t.cfg.in_chans, t.cfg.img_size, t.cfg.img_size, device=DEV, dtype=next(t.parameters()).dtype)
+        g = GraphedModel(t, clone_output=False)
+        replay = g.replayer(x)
+        single = statistics.median(timed(replay, 3, a.graph_repeats))
+        n = 20 if not a.smoke else 1
+
+        def burst():
+            for _ in range(n):
+                replay()
+        back_to_back = statistics.median(timed(burst, 1, 5) if not a.smoke else timed(burst, 0, 1)) / n
+        res = dict(single_ms=single, back_to_back_ms=back_to_back, note=g.note)
+        if DEV == "cuda" and not g.note:
+            ops_ = _trace_kernels(replay, runs)
+            per = len(ops_) // runs
+            spans, busy, gaps_before = [], [], {}
+            for k in range(runs):
+                rep = ops_[k * per:(k + 1) * per]
+                spans.append(rep[-1][0] + rep[-1][1] - rep[0][0])
+                busy.append(sum(d for _, d, _ in rep))
+                for (t0, d0, _), (t1, _, n1) in zip(rep, rep[1:]):
+                    key = n1[:60]
+                    gaps_before[key] = gaps_before.get(key, 0.0) + max(0.0, t1 - (t0 + d0)) / runs
+            names = {}
+            for _, d, nm in ops_:
+                c, s = names.get(nm[:60], (0, 0.0))
+                names[nm[:60]] = (c + 1 / runs, s + d / runs)
+            res.update(ops_per_forward=per, span_ms=statistics.median(spans) / 1e3, busy_ms=statistics.median(busy) / 1e3,
+                       gap_ms=(statistics.median(spans) - statistics.median(busy)) / 1e3,
+                       gaps_before=[dict(kernel=k, ms=v / 1e3) for k, v in sorted(gaps_before.items(), key=lambda kv: -kv[1])[:12]],
+                       kernels=[dict(kernel=k, calls=c, ms=s / 1e3) for k, (c, s) in sorted(names.items(), key=lambda kv: -kv[1][1])[:25]])
+        out[tname] = res
+        print(f"  timeline {name} {tname:12s} b=1 {backend}: replay {single:.3f} ms, back-to-back {back_to_back:.3f} ms"
+              + (f", trace span {res['span_ms']:.3f} = busy {res['busy_ms']:.3f} + gaps {res['gap_ms']:.3f} ms "
+                 f"({res['ops_per_forward']} ops)" if "span_ms" in res else ""), flush=True)
+        for row in res.get("gaps_before", [])[:6]:
+            print(f"    gap {row['ms'] * 1e3:7.1f} us before {row['kernel']}", flush=True)
+        for row in res.get("kernels", [])[:10]:
+            print(f"    {row['ms'] * 1e3:7.1f} us {row['calls']:5.0f}x {row['kernel']}", flush=True)
+        g.reset()
+    results.setdefault("timeline", {})[f"{name}/{backend}"] = out
+
+
 # --------------------------------------------------------------------------- retrain
 
 
@@ -356,7 +445,8 @@ def main(argv=None) -> int:
     a.save = save
     for section in a.sections.split(","):
         name, _, arg = section.partition("=")
-        fn = {"tune": tune, "mixer": mixer, "models": models, "retrain": retrain, "kernels": kernels}[name]
+        fn = {"tune": tune, "mixer": mixer, "models": models, "retrain": retrain, "kernels": kernels,
+              "timeline": timeline}[name]
         fn(a, results, arg.split("+")) if arg else fn(a, results)
         save(results)  # after each section (and each model): a timeout keeps what was measured
     print(f"\n{dev} · fp16 models (random weights) · retrain bf16 · median ms")
