@@ -8,8 +8,7 @@ first. Here every (model, target) is captured alone in a fresh process, as a ser
 batch-1 graph runs it, and the rounds rotate the order of the processes.
 
 Targets: ``plain``, ``r031`` (any recipe name), ``<recipe>-sliced`` (the merges replaced by
-zero-cost slicing: the bound set by the token counts); a suffix ``@three`` runs the fast merge
-as three launches instead of one (``fast.TUNING["small_max_batch"] = 0``). Per target: the
+zero-cost slicing: the bound set by the token counts). Per target: the
 replay of one forward (``single``, CUDA events around one ``replay()`` as a caller sees it) and
 back-to-back replays (``b2b``, 20 per timing: the GPU time per forward).
 
@@ -41,16 +40,13 @@ def _setup(tuning: str | None, merge_tuning: str | None):
         fast.TUNING.update(json.loads(merge_tuning))
 
 
-def _replayer(model: str, target: str, backend: str, small_max_batch: int):
+def _replayer(model: str, target: str, backend: str):
     """Capture ``target``'s batch-1 graph; returns ``(replay, note)``."""
     from compressor.convert import convert
     from compressor.inference import GraphedModel
-    from compressor.merge import fast
     from compressor.models import create_model, set_backend
     from compressor.profile.overhead import sliced_variant
 
-    target, _, variant = target.partition("@")
-    fast.TUNING["small_max_batch"] = 0 if variant == "three" else small_max_batch
     torch.manual_seed(0)
     net = create_model(model).eval()
     if target != "plain":
@@ -85,14 +81,11 @@ def _time(replay, repeats: int) -> dict:
 def child(models: str, targets: str, backend: str, tuning, merge_tuning, repeats: int) -> list[dict]:
     """Every target of ``targets`` captured in this process, in order, each timed right after its
     capture; with more than one, all are timed again at the end (``again``)."""
-    from compressor.merge import fast
-
     _setup(tuning, merge_tuning)
-    small_max_batch = fast.TUNING["small_max_batch"]
     out, held = [], []
     for model in models.split(","):
         for target in targets.split(","):
-            replay, note = _replayer(model, target, backend, small_max_batch)
+            replay, note = _replayer(model, target, backend)
             out.append(dict(model=model, target=target, graphs_held=len(held) + 1,
                             **({"note": note} if note else _time(replay, repeats))))
             held.append((model, target, replay, note))

@@ -15,6 +15,9 @@ run, every number a median over repeats after warm-up (CUDA events; graphs: repl
   per backend: where the batch-1 latency goes.
 - ``timeline``: batch 1 in a CUDA graph (plain, ``--recipe``, its slicing twin; last backend):
   replay time, and a profiler trace split into kernel time and the idle gaps between kernels.
+  Batch-1 graphs timed in one process are not like for like: a process's first graph replays
+  faster than any graph once a second exists; ``benchmarks/b1_graph.py`` times each model in a
+  process of its own.
 - ``retrain``: the engine's ``train_step`` (merged student forward + backward, teacher forward,
   AdamW) at batch 128, bf16 autocast, recipes none and r031, per backend.
 

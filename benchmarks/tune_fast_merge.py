@@ -2,9 +2,8 @@
 
 For each candidate setting (one knob group changed from the default at a time): microseconds per
 merge, timed as 20 back-to-back merges replayed from one CUDA graph (launch gaps as in a graphed
-model), at Vim-S (197 tokens, D 384, r 11) and CIFAR (65 tokens, D 192, r 8) shapes, batch 1,
-4, 16 and 128 (the one-launch merge runs up to ``small_max_batch`` rows: "three launches" is the
-other path at every batch); then Vim-S r031 at batch 1 in a CUDA graph against the plain model, with the default
+model), at Vim-S (197 tokens, D 384, r 11) and CIFAR (65 tokens, D 192, r 8) shapes, batch 1
+and 128; then Vim-S r031 at batch 1 in a CUDA graph against the plain model, with the default
 and with the best batch-1 setting.
 
     python benchmarks/tune_fast_merge.py --out tune.json
@@ -29,11 +28,6 @@ from compressor.models import set_backend  # noqa: E402
 DEFAULT = dict(fast.TUNING)
 CANDIDATES = {
     "default": {},
-    "three launches": {"small_max_batch": 0},
-    "three, gather o4": {"small_max_batch": 0, "gather_block_o": 4},
-    "one, o8": {"small_block_o": 8},
-    "one, o32": {"small_block_o": 32},
-    "one, w4": {"small_warps": 4},
     "score 32x64": {"score_block_i": 32},
     "score 32x32": {"score_block_i": 32, "score_block_j": 32},
     "score d128 w8": {"score_block_d": 128, "score_warps": 8},
@@ -96,7 +90,7 @@ def main(argv=None) -> int:
     for name, change in CANDIDATES.items():
         fast.TUNING.clear()
         fast.TUNING.update(DEFAULT | change)
-        rows[name] = {f"{s}_b{b}": merge_us(b, shape) for s, shape in SHAPES.items() for b in (1, 4, 16, 128)}
+        rows[name] = {f"{s}_b{b}": merge_us(b, shape) for s, shape in SHAPES.items() for b in (1, 128)}
         print(f"{name:16s} " + "  ".join(f"{k} {v:7.1f} us" for k, v in rows[name].items()), flush=True)
     base128 = rows["default"]
 

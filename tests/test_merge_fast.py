@@ -24,14 +24,6 @@ pytestmark = [
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(params=["three launches", "one launch"])
-def path(request, monkeypatch):
-    """Both kernel paths of the fast merge: three kernels (score, slot, gather), and the one-launch
-    merge that short rows at small batch take (``fast.one_launch``)."""
-    monkeypatch.setitem(fast.TUNING, "small_max_batch", 0 if request.param == "three launches" else 64)
-    return request.param
-
-
 def reference(hidden, residual, size, r, cls_in, cls_out, prune=False):
     """The reference merge (what TokenMerge runs with impl "torch") for one merge of ``r`` tokens."""
     return merge_ref(hidden, residual, size, r, cls_in, cls_out, prune=prune)
@@ -49,7 +41,7 @@ CASES = [  # b, L, d, r, cls_in, cls_out, prune, with sizes
 
 
 @pytest.mark.parametrize("b,L,d,r,cls_in,cls_out,prune,sized", CASES)
-def test_fast_merge_equals_reference_fp32(b, L, d, r, cls_in, cls_out, prune, sized, path):
+def test_fast_merge_equals_reference_fp32(b, L, d, r, cls_in, cls_out, prune, sized):
     g = torch.Generator().manual_seed(L * 7 + r)
     h = torch.randn(b, L, d, generator=g).to(DEV)
     res = torch.randn(b, L, d, generator=g).to(DEV)
@@ -62,7 +54,7 @@ def test_fast_merge_equals_reference_fp32(b, L, d, r, cls_in, cls_out, prune, si
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_fast_merge_low_precision_hidden_fp32_residual(dtype, path):
+def test_fast_merge_low_precision_hidden_fp32_residual(dtype):
     """Vim keeps the residual in fp32 while hidden states are fp16/bf16: dtypes are kept, the
     same tokens are merged (sizes equal exactly), values within one rounding of the output."""
     g = torch.Generator().manual_seed(3)
@@ -79,7 +71,7 @@ def test_fast_merge_low_precision_hidden_fp32_residual(dtype, path):
     assert ((got[0].float() - want[0].float()).abs() <= eps * want[0].float().abs() + 1e-6).all()
 
 
-def test_known_answer_with_class_token(path):
+def test_known_answer_with_class_token():
     """Hand-made: 8 patches + a class token at 4. Source 1 (patch 2) is a copy of destination 2
     (patch 5) and source 3 (patch 6) is nearly destination 3 (patch 7); all else orthogonal. r=2
     merges exactly those two pairs; tokens keep their order and the class token lands at 3."""
@@ -117,7 +109,7 @@ def tied_tokens(b: int = 2, L: int = 197, d: int = 16, seed: int = 0) -> torch.T
     (40, True, True, torch.float32),  # prune
     (60, False, True, torch.float16),
 ])
-def test_ties_give_the_same_assignment_in_both_paths(r, prune, sized, dtype, path):
+def test_ties_give_the_same_assignment_in_both_paths(r, prune, sized, dtype):
     """Exact parity on tied inputs: the slot maps, token sizes and merged values are equal to the
     last bit (lower source index first among equal best scores, lower destination among equal
     candidates, in the reference's stable sort as in the kernel's rank)."""
@@ -135,7 +127,7 @@ def test_ties_give_the_same_assignment_in_both_paths(r, prune, sized, dtype, pat
     assert sizes.max() > 2 or prune  # ties really decided several merges into one destination
 
 
-def test_ties_follow_the_index_order_of_the_spec(path):
+def test_ties_follow_the_index_order_of_the_spec():
     """Every token equal: every score ties. The first ``r`` sources (patches 0, 2, ...) go, all into
     the first destination (patch 1), identically in both paths."""
     h = torch.randn(1, 1, 8).expand(1, 12, 8).contiguous().to(DEV)
@@ -145,7 +137,7 @@ def test_ties_follow_the_index_order_of_the_spec(path):
         assert resid[0, 0, 0].item() == pytest.approx((0 + 1 + 2) / 3)
 
 
-def test_zero_and_nan_tokens_behave_the_same_in_both_paths(path):
+def test_zero_and_nan_tokens_behave_the_same_in_both_paths():
     """A zero token scores 0 (norm clamped, no 0/0 NaN); a NaN score counts as -inf, so a NaN
     source ranks last and a NaN destination is never anyone's best match. Both paths agree."""
     g = torch.Generator().manual_seed(5)
@@ -171,7 +163,7 @@ def test_zero_and_nan_tokens_behave_the_same_in_both_paths(path):
 
 
 @pytest.mark.parametrize("prune,sized", [(False, True), (True, False)])
-def test_gradients_equal_the_reference(prune, sized, path):
+def test_gradients_equal_the_reference(prune, sized):
     """The kernel path with inputs that need gradients: same outputs, same gradients (hidden,
     residual and sizes) as autograd through the reference."""
     g = torch.Generator().manual_seed(9)

@@ -55,15 +55,9 @@ MAX_WIDTH = 4096
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 #: Launch parameters (tile sizes, warps); ``benchmarks/tune_fast_merge.py`` measures alternatives.
-#: ``gather_warps`` 0: 4 warps up to 512 channels, 8 above; ``gather_block_o``: output tokens per
-#: gather program. ``small_*``: the one-launch merge (:data:`SMALL_MAX_SOURCES` sources at most),
-#: used up to ``small_max_batch`` rows (0: never), ``small_block_o`` output tokens per program.
+#: ``gather_warps`` 0: 4 warps up to 512 channels, 8 above.
 TUNING = {"score_block_i": 64, "score_block_j": 64, "score_block_d": 64, "score_warps": 4,
-          "slot_warps": 4, "gather_warps": 0, "gather_block_o": 1,
-          "small_max_batch": 8, "small_block_o": 16, "small_warps": 8}
-
-#: The one-launch merge scores every source against every destination in one tile of this many.
-SMALL_MAX_SOURCES = 128
+          "slot_warps": 4, "gather_warps": 0}
 
 
 def available() -> bool:
@@ -111,7 +105,7 @@ def _kernels():
         raise RuntimeError("the fast merge needs Triton: pip install triton (it comes with torch on Linux)")
     from . import _triton_kernels as k
 
-    return tuple(triton.jit(fn) for fn in (k.score_kernel, k.slot_kernel, k.gather_kernel, k.merge_small_kernel))
+    return tuple(triton.jit(fn) for fn in (k.score_kernel, k.slot_kernel, k.gather_kernel))
 
 
 def fast_merge(hidden: torch.Tensor, residual: torch.Tensor, size: torch.Tensor | None, r: int,
@@ -162,18 +156,10 @@ class _FastMerge(torch.autograd.Function):
         return (*grads, *([None] if size is None else []), None, None, None, None)
 
 
-def one_launch(batch: int, tokens: int, has_cls: bool = True) -> bool:
-    """Whether a merge of ``batch`` rows of ``tokens`` tokens runs as one launch
-    (``merge_small_kernel``) rather than three: short rows at small batch, where launches, not
-    work, bound the merge (``TUNING["small_max_batch"]``)."""
-    n = tokens - int(has_cls)
-    return batch <= TUNING["small_max_batch"] and (n + 1) // 2 <= SMALL_MAX_SOURCES
-
-
 def _launch(hidden, residual, size, r, cls_in, cls_out, prune):
-    """The kernels. Returns ``(hidden', residual', size', slot)``, ``slot: (b, L)`` int32."""
+    """The three kernels. Returns ``(hidden', residual', size', slot)``, ``slot: (b, L)`` int32."""
     b, L, d = hidden.shape
-    _, slot_k, gather_k, small_k = _kernels()
+    _, slot_k, gather_k = _kernels()
     has_cls = cls_in is not None
     n = L - int(has_cls)
     n_src, n_dst = (n + 1) // 2, n // 2
@@ -185,27 +171,6 @@ def _launch(hidden, residual, size, r, cls_in, cls_out, prune):
         size = size.reshape(b, L).float().contiguous()
 
     t = TUNING
-    hid_out = torch.empty(b, out_len, d, dtype=hidden.dtype, device=dev)
-    res_out = torch.empty(b, out_len, d, dtype=residual.dtype, device=dev)
-    size_out = torch.empty(b, out_len, 1, dtype=torch.float32, device=dev)
-    strides = (hidden.stride(0), hidden.stride(1), residual.stride(0), residual.stride(1),
-               hid_out.stride(0), hid_out.stride(1), res_out.stride(0), res_out.stride(1))
-    if one_launch(b, L, has_cls):
-        block_o = t["small_block_o"]
-        progs = triton.cdiv(out_len, block_o)
-        slot = torch.empty(b, progs, L, dtype=torch.int32, device=dev)  # one scratch copy per program
-        perm = torch.empty(b, progs, L, dtype=torch.int32, device=dev)
-        offs = torch.empty(b, progs, out_len + 1, dtype=torch.int32, device=dev)
-        interpret = hidden.device.type != "cuda"
-        small_k[(b, progs)](
-            hidden, residual, size if size is not None else hidden, slot, perm, offs, hid_out, res_out, size_out,
-            L, n_src, n_dst, r, cls_in if has_cls else 0, cls_out if has_cls else 0, out_len, d, *strides,
-            HAS_CLS=has_cls, PRUNE=prune, HAS_SIZE=size is not None, BLOCK_S=_pow2(n_src),
-            BLOCK_SD=min(t["score_block_d"], _pow2(d)), PRECISION=_precision(hidden), UPCAST=interpret, EPS=NORM_EPS,
-            BLOCK_L=_pow2(L), BLOCK_O=_pow2(out_len + 2), BLOCK_G=block_o, BLOCK_D=min(_pow2(d, 32), max(32, 2048 // block_o)),
-            num_warps=t["small_warps"],
-        )
-        return hid_out, res_out, size_out, slot[:, 0]
     best, best_idx = _best_per_tile(hidden, cls_in)
     n_tiles = best.shape[1]
     slot = torch.empty(b, L, dtype=torch.int32, device=dev)
@@ -217,19 +182,17 @@ def _launch(hidden, residual, size, r, cls_in, cls_out, prune):
         out_len, HAS_CLS=has_cls, PRUNE=prune, BLOCK_S=block_s, BLOCK_K=min(block_s, max(16, 16384 // block_s)),
         BLOCK_L=_pow2(L), BLOCK_O=_pow2(out_len + 2), num_warps=t["slot_warps"],
     )
-    block, block_o = _pow2(d, 32), t["gather_block_o"]
-    gather_k[(b, triton.cdiv(out_len, block_o))](
+    hid_out = torch.empty(b, out_len, d, dtype=hidden.dtype, device=dev)
+    res_out = torch.empty(b, out_len, d, dtype=residual.dtype, device=dev)
+    size_out = torch.empty(b, out_len, 1, dtype=torch.float32, device=dev)
+    block = _pow2(d, 32)
+    gather_k[(b, out_len)](
         hidden, residual, size if size is not None else best, perm, offs, hid_out, res_out, size_out,
-        L, out_len, d, *strides, HAS_SIZE=size is not None, BLOCK_O=block_o, BLOCK_D=block,
-        num_warps=t["gather_warps"] or (4 if block <= 512 else 8),
+        L, out_len, d, hidden.stride(0), hidden.stride(1), residual.stride(0), residual.stride(1),
+        hid_out.stride(0), hid_out.stride(1), res_out.stride(0), res_out.stride(1),
+        HAS_SIZE=size is not None, BLOCK_D=block, num_warps=t["gather_warps"] or (4 if block <= 512 else 8),
     )
     return hid_out, res_out, size_out, slot
-
-
-def _precision(hidden: torch.Tensor) -> str:
-    """``tl.dot`` precision of the scores: IEEE fp32 for fp32 hidden states (and under the
-    interpreter); tf32 is never used by fp16/bf16 operands."""
-    return "ieee" if hidden.dtype == torch.float32 or hidden.device.type != "cuda" else "tf32"
 
 
 def _best_per_tile(hidden: torch.Tensor, cls_in: int | None):
@@ -244,10 +207,11 @@ def _best_per_tile(hidden: torch.Tensor, cls_in: int | None):
     n_tiles = triton.cdiv(n_dst, block_j) if n_dst else 1
     best = torch.empty(b, n_tiles, n_src, dtype=torch.float32, device=hidden.device)
     best_idx = torch.empty(b, n_tiles, n_src, dtype=torch.int32, device=hidden.device)
+    precision = "ieee" if hidden.dtype == torch.float32 or interpret else "tf32"  # tf32: unused by fp16/bf16 dots
     _kernels()[0][(b, triton.cdiv(n_src, block_i), n_tiles)](
         hidden, best, best_idx, hidden.stride(0), hidden.stride(1), n_src, n_dst, cls_in if cls_in is not None else 0, d,
         HAS_CLS=cls_in is not None, BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_D=min(t["score_block_d"], _pow2(d)),
-        PRECISION=_precision(hidden), UPCAST=interpret, EPS=NORM_EPS, num_warps=t["score_warps"],
+        PRECISION=precision, UPCAST=interpret, EPS=NORM_EPS, num_warps=t["score_warps"],
     )
     return best, best_idx
 

@@ -45,10 +45,13 @@ __all__ = ["available", "interpreting", "bimamba_inner_triton", "TUNING", "scan_
 #: (:func:`time_splits`, while the grid has fewer than ``split_programs`` programs), since the
 #: batch-1 scan otherwise walks 197 steps one after the other on a GPU that is idle. Vim-S
 #: batch 1 scan (197 tokens, H200, in a CUDA graph): 82.8 us as ``32x4``, 71.8 us with ``pf``,
-#: 26.6 us with ``ts: 8``, 25.9 us with both; plain Vim-S batch 1 went from 2.9 to 1.48 ms.
+#: 26.6 us with ``ts: 8``, 25.9 us with both. ``ts: 16`` (10 pieces for Vim-S at batch 1, whose
+#: 48 programs cap it at 512 // 48; 16 for Vim-Ti): plain Vim-S batch 1 1.201 ms against 1.282
+#: with ``ts: 8``, Vim-Ti 1.190 against 1.254, merged and sliced models unchanged or faster
+#: (``benchmarks/b1_graph.py``, one graph per process).
 TUNING = {
     "scan": {"bd": 32, "u": 2},
-    "scan_small": {"bd": 32, "u": 4, "pf": 1, "ts": 8},
+    "scan_small": {"bd": 32, "u": 4, "pf": 1, "ts": 16},
     "scan_bwd": {"bd": 32, "ub": 2},
     "scan_bwd_small": {"bd": 32, "ub": 2},
     "save_every": 16,
