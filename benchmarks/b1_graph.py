@@ -1,15 +1,15 @@
 """Batch-1 latency in a CUDA graph, each model in a process of its own.
 
-On an H200 (CUDA 13 driver, torch 2.11) a process's first captured CUDA graph replays faster than
-any graph once a second one has been captured: 1.28 against 1.38 ms for plain Vim-S, because
-every boundary between kernels grows by ~0.35 µs (measured with ``triton_mixer_gpu.py --sections
-timeline``). Timing several models in one process therefore favours whichever is captured
-first. Here every (model, target) is captured alone in a fresh process, as a server holding one
-batch-1 graph runs it, and the rounds rotate the order of the processes.
+On an H200 (torch 2.11+cu130) a process's first captured CUDA graph replays faster than any
+graph once a second one has been captured: plain Vim-S 1.195 ms alone, 1.282 ms once another
+graph exists (``--same-process``), the gaps between its kernels growing from 0.12 to ~0.5 µs
+each (``triton_mixer_gpu.py --sections timeline``; docs/benchmarks.md, section 8). Timing several
+models in one process therefore favours whichever is captured first. Here every (model, target)
+is captured alone in a fresh process, as a server holding one batch-1 graph runs it, and the
+rounds rotate the order of the processes.
 
 Targets: ``plain``, ``r031`` (any recipe name), ``<recipe>-sliced`` (the merges replaced by
-zero-cost slicing: the bound set by the token counts). Per target: the
-replay of one forward (``single``, CUDA events around one ``replay()`` as a caller sees it) and
+zero-cost slicing: the bound set by the token counts). Per target: the replay of one forward (``single``, CUDA events around one ``replay()`` as a caller sees it) and
 back-to-back replays (``b2b``, 20 per timing: the GPU time per forward).
 
     python benchmarks/b1_graph.py --models vim_small,vim_tiny --targets plain,r031,r031-sliced \\
