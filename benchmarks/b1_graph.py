@@ -61,20 +61,14 @@ def _replayer(model: str, target: str, backend: str):
 
 
 def _time(replay, repeats: int) -> dict:
-    def events(n: int) -> float:
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(n):
-            replay()
-        b.record()
-        b.synchronize()
-        return a.elapsed_time(b) / n
+    from triton_mixer_gpu import timed  # CUDA events around each call, after warm-up
 
-    for _ in range(10):
-        replay()
-    torch.cuda.synchronize()
-    return {"single_ms": statistics.median(events(1) for _ in range(repeats)),
-            "b2b_ms": statistics.median(events(20) for _ in range(max(3, repeats // 5))),
+    def burst():
+        for _ in range(20):
+            replay()
+
+    return {"single_ms": statistics.median(timed(replay, 10, repeats)),
+            "b2b_ms": statistics.median(timed(burst, 0, max(3, repeats // 5))) / 20,
             "device": torch.cuda.get_device_name(0), "torch": torch.__version__}
 
 
